@@ -1,0 +1,1 @@
+"""Benchmarks run by scripts/bench.py; each module exposes main(argv)."""
