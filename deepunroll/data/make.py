@@ -1,0 +1,88 @@
+"""Generate, locate and load the dataset a config asks for."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from deepunroll.data.generators import add_relative_noise
+from deepunroll.data.h5 import SPLITS, check_metadata, read_split, write_dataset
+from deepunroll.operators.base import ForwardOperator
+
+
+def data_metadata(data_cfg: DictConfig, generator) -> dict:
+    """What defines a dataset besides the operator: problem, seed, noise, split sizes, generator."""
+    return {
+        "problem": str(data_cfg.name),
+        "seed": int(data_cfg.seed),
+        "noise": float(data_cfg.noise),
+        "splits": {s: int(data_cfg.splits[s]) for s in SPLITS},
+        "generator": generator.metadata(),
+    }
+
+
+def _fingerprint(operator_meta: dict, data_meta: dict) -> str:
+    digest = hashlib.sha1()
+    for key in sorted(operator_meta):
+        value = operator_meta[key]
+        digest.update(key.encode())
+        if isinstance(value, np.ndarray):
+            value = value.astype(np.float64) if value.dtype.kind == "f" else value
+            digest.update(value.tobytes())
+        else:
+            digest.update(json.dumps(value).encode())
+    digest.update(json.dumps(data_meta, sort_keys=True).encode())
+    return digest.hexdigest()[:10]
+
+
+def dataset_path(data_cfg: DictConfig, operator: ForwardOperator, generator) -> Path:
+    """``data.path`` if set, else ``{data.root}/{data.name}_{fingerprint}.h5``."""
+    if data_cfg.get("path"):
+        return Path(data_cfg.path)
+    return Path(data_cfg.root) / f"{data_cfg.name}_{_fingerprint(operator.metadata(), data_metadata(data_cfg, generator))}.h5"
+
+
+def generate_dataset(data_cfg: DictConfig, operator: ForwardOperator, generator, path: Path, chunk: int = 256) -> None:
+    """Draw x, measure y = F(x) (+ noise), compute x0, for every split, and write the HDF5 file."""
+    rng = torch.Generator().manual_seed(int(data_cfg.seed))
+    splits = {}
+    for split in SPLITS:
+        n = int(data_cfg.splits[split])
+        x = generator.sample(operator, n, rng, split=split).to(torch.float64)
+        y_parts, x0_parts = [], []
+        for start in tqdm(range(0, n, chunk), desc=f"{data_cfg.name}/{split}", unit="chunk", leave=False, disable=None):
+            with torch.no_grad():
+                y = add_relative_noise(operator(x[start : start + chunk]), float(data_cfg.noise), rng)
+                y_parts.append(y)
+                x0_parts.append(generator.initial_guess(operator, y))
+        splits[split] = {"x": x, "y": torch.cat(y_parts), "x0": torch.cat(x0_parts)}
+    write_dataset(path, splits, operator.metadata(), data_metadata(data_cfg, generator))
+
+
+def ensure_dataset(data_cfg: DictConfig, operator: ForwardOperator, generate: bool = True) -> Path:
+    """Path of the dataset for this config: generated when missing (if ``generate``), else validated."""
+    generator = instantiate(data_cfg.generator)
+    path = dataset_path(data_cfg, operator, generator)
+    if not path.exists():
+        if not generate:
+            raise FileNotFoundError(
+                f"dataset {path} does not exist; create it with `python scripts/make_data.py` and the same "
+                f"operator/data overrides"
+            )
+        print(f"generating dataset {path} ...")
+        generate_dataset(data_cfg, operator, generator, path)
+    check_metadata(path, operator.metadata(), data_metadata(data_cfg, generator))
+    return path
+
+
+def load_split(data_cfg: DictConfig, operator: ForwardOperator, path: Path, split: str) -> dict[str, torch.Tensor]:
+    """One split; training uses the first ``data.n_train`` samples of the pool (all when null)."""
+    n = data_cfg.get("n_train") if split == "train" else None
+    return read_split(path, split, n, operator.in_shape, operator.out_shape)

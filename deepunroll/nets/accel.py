@@ -1,0 +1,80 @@
+"""Gradient accelerators: map the raw data-fit direction d_k to the direction v_k fed to a step.
+
+Interface: ``init_state(d) -> state`` (zero state for a batch shaped like d) and
+``forward(d, state) -> (v, state)``; one module is shared by all iterations.
+Sign convention (REFERENCE.md): d_k = J(x_k)^T (F(x_k) - y).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class NoAcceleration(nn.Module):
+    """v_k = d_k."""
+
+    def init_state(self, d: torch.Tensor) -> None:
+        return None
+
+    def forward(self, d: torch.Tensor, state: None) -> tuple[torch.Tensor, None]:
+        return d, None
+
+
+class Momentum(nn.Module):
+    """Momentum baseline (MA): v_k = beta v_{k-1} + eta d_k, v_{-1} = 0."""
+
+    def __init__(self, beta: float = 0.8, eta: float = 1e-3) -> None:
+        super().__init__()
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"accel.beta={beta}; expected 0 <= beta < 1")
+        if eta <= 0:
+            raise ValueError(f"accel.eta={eta}; expected > 0")
+        self.beta, self.eta = float(beta), float(eta)
+
+    def init_state(self, d: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(d)
+
+    def forward(self, d: torch.Tensor, velocity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        velocity = self.beta * velocity + self.eta * d
+        return velocity, velocity
+
+
+class RMA(nn.Module):
+    """Recurrent momentum acceleration: a recurrent cell reads d_k, a linear layer writes v_k.
+
+    h_k = Cell(d_k, h_{k-1}) (state carried across iterations, zero-initialised);
+    v_k = Linear(concat of the final hidden states of all ``layers``) reshaped like d_k.
+    d: (B, *x_shape) is flattened to (B, prod(x_shape)) before the cell.
+    LSTM forget-gate biases start at 1 (input-side bias 1, hidden-side bias 0).
+    """
+
+    CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+    def __init__(self, x_shape: tuple[int, ...], cell: str = "lstm", hidden: int = 128, layers: int = 1) -> None:
+        super().__init__()
+        if cell not in self.CELLS:
+            raise ValueError(f"accel.cell={cell!r}; expected one of {sorted(self.CELLS)}")
+        if hidden <= 0 or layers <= 0:
+            raise ValueError(f"accel.hidden={hidden}, accel.layers={layers}; expected positive integers")
+        n_features = math.prod(x_shape)
+        self.cell_type, self.hidden, self.layers = cell, int(hidden), int(layers)
+        self.rnn = self.CELLS[cell](n_features, self.hidden, num_layers=self.layers, batch_first=True)
+        self.readout = nn.Linear(self.layers * self.hidden, n_features)
+        if cell == "lstm":
+            with torch.no_grad():
+                for name, bias in self.rnn.named_parameters():
+                    if name.startswith("bias_"):
+                        bias[self.hidden : 2 * self.hidden] = 1.0 if name.startswith("bias_ih") else 0.0
+
+    def init_state(self, d: torch.Tensor):
+        h0 = d.new_zeros(self.layers, d.shape[0], self.hidden)
+        return (h0, torch.zeros_like(h0)) if self.cell_type == "lstm" else h0
+
+    def forward(self, d: torch.Tensor, state):
+        _, state = self.rnn(d.flatten(1).unsqueeze(1), state)
+        hidden = state[0] if self.cell_type == "lstm" else state
+        v = self.readout(hidden.transpose(0, 1).flatten(1))
+        return v.reshape(d.shape), state

@@ -1,0 +1,32 @@
+"""Small CNN blocks shared by the learned steps."""
+
+from __future__ import annotations
+
+from torch import nn
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+
+
+def conv_block(in_channels: int, out_channels: int, hidden: int = 32, n_conv: int = 4, dim: int = 1) -> nn.Sequential:
+    """Conv(in->hidden) PReLU [Conv(hidden->hidden) PReLU]* Conv(hidden->out), kernel 3, padding 1, biases.
+
+    ``n_conv`` counts convolutions (>= 2); every PReLU has one parameter (PyTorch default).
+    ``dim`` is 1 (signals, element vectors: (B, C, n)) or 2 (images: (B, C, H, W)).
+    """
+    if dim not in _CONV:
+        raise ValueError(f"conv_block: dim={dim} unsupported; expected 1 or 2")
+    if n_conv < 2:
+        raise ValueError(f"conv_block: n_conv={n_conv}; expected at least 2")
+    conv = _CONV[dim]
+    widths = [in_channels] + [hidden] * (n_conv - 1) + [out_channels]
+    layers: list[nn.Module] = []
+    for i in range(n_conv):
+        layers.append(conv(widths[i], widths[i + 1], kernel_size=3, padding=1))
+        if i < n_conv - 1:
+            layers.append(nn.PReLU())
+    return nn.Sequential(*layers)
+
+
+def per_iteration(factory, n_iter: int, share_weights: bool) -> nn.ModuleList:
+    """``n_iter`` blocks from ``factory()``, or a single one reused when ``share_weights``."""
+    return nn.ModuleList(factory() for _ in range(1 if share_weights else n_iter))

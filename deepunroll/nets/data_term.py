@@ -1,0 +1,38 @@
+"""How learned steps reach the forward operator, with or without gradients through it."""
+
+from __future__ import annotations
+
+import torch
+
+from deepunroll.operators.base import ForwardOperator
+
+
+class DataTerm:
+    """Operator calls for one batch of measurements y (B, *out_shape).
+
+    With ``through_operator=False`` (the authors' choice, the default) every
+    call runs without a graph on detached inputs: the network sees F(x) and
+    J^T v as data, and training never differentiates the physics. With
+    ``True`` the calls are differentiated (second order for ``misfit_grad``).
+    """
+
+    def __init__(self, operator: ForwardOperator, y: torch.Tensor, through_operator: bool = False) -> None:
+        self.operator, self.y, self.through_operator = operator, y, through_operator
+
+    def _call(self, fn, *args: torch.Tensor) -> torch.Tensor:
+        if self.through_operator:
+            return fn(*args)
+        with torch.no_grad():
+            return fn(*(a.detach() for a in args))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """F(x): (B, *in_shape) -> (B, *out_shape)."""
+        return self._call(self.operator.forward, x)
+
+    def vjp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """J(x)^T v: (B, *in_shape)."""
+        return self._call(self.operator.vjp, x, v)
+
+    def misfit_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """J(x)^T (F(x) - y): (B, *in_shape)."""
+        return self._call(self.operator.misfit_grad, x, self.y)

@@ -1,0 +1,84 @@
+"""Assemble operator + data + network from a config; train, load and reconstruct.
+
+Used by scripts/train.py, scripts/evaluate.py and scripts/make_data.py, and by users:
+
+    model = deepunroll.load_model("runs/toy_lpgd_rma/.../checkpoints/best.pt")
+    x_hat = model.reconstruct(y)          # y: (B, *operator.out_shape)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from deepunroll.data.datasets import InverseProblemDataset
+from deepunroll.data.make import ensure_dataset, load_split
+from deepunroll.nets.build import build_model
+from deepunroll.nets.unrolled import UnrolledNet, count_parameters
+from deepunroll.operators.base import ForwardOperator
+from deepunroll.record import write_run_record
+from deepunroll.train import checkpoint
+from deepunroll.train.trainer import Trainer, TrainSettings, resolve_device
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def network_dtype(cfg: DictConfig) -> torch.dtype:
+    if cfg.train.dtype not in DTYPES:
+        raise ValueError(f"train.dtype={cfg.train.dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[cfg.train.dtype]
+
+
+def build_problem(cfg: DictConfig, device: torch.device | str = "cpu"):
+    """(operator, sample generator, model) from ``cfg.operator``, ``cfg.data``, ``cfg.net``, ``cfg.accel``."""
+    operator: ForwardOperator = instantiate(cfg.operator)
+    generator = instantiate(cfg.data.generator)
+    model = build_model(cfg.net, cfg.accel, operator, initial_guess=generator.initial_guess).to(device)
+    dtype = network_dtype(cfg)
+    model.step.to(dtype)
+    model.accelerator.to(dtype)  # the operator keeps its own (float64) precision
+    return operator, generator, model
+
+
+def load_datasets(cfg: DictConfig, operator: ForwardOperator, splits=("train", "val")) -> dict[str, InverseProblemDataset]:
+    """Generate the dataset if missing, check it against the config, and load the requested splits."""
+    path = ensure_dataset(cfg.data, operator)
+    dtype = network_dtype(cfg)
+    return {s: InverseProblemDataset(load_split(cfg.data, operator, path, s), dtype) for s in splits}
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train one experiment into ``run_dir``; returns {"history", "best": path, "last": path, "n_params"}."""
+    torch.manual_seed(int(cfg.seed))
+    device = resolve_device(cfg.train.device)
+    operator, _, model = build_problem(cfg, device)
+    datasets = load_datasets(cfg, operator)
+    n_params = count_parameters(model)
+    print(f"{cfg.name}: {n_params:,} trainable parameters on {device}; "
+          f"{len(datasets['train'])} training / {len(datasets['val'])} validation samples")
+    record = write_run_record(cfg, run_dir)
+    settings = TrainSettings(**{k: cfg.train[k] for k in TrainSettings.__dataclass_fields__})
+    trainer = Trainer(model, datasets["train"], datasets["val"], settings, run_dir, int(cfg.seed), record)
+    history = trainer.fit()
+    return {"history": history, "best": trainer.best_path, "last": trainer.last_path, "n_params": n_params}
+
+
+def load_checkpoint_config(path: str | Path) -> DictConfig:
+    """The resolved config a checkpoint was trained with."""
+    return OmegaConf.create(checkpoint.load(Path(path))["config"]["config"])
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> UnrolledNet:
+    """Rebuild the network a checkpoint was trained with and load its weights (eval mode).
+
+    ``model.reconstruct(y)`` then reconstructs from measurements y (B, *model.operator.out_shape),
+    starting from the problem's own initial guess (toy: zeros; EIT: Gauss-Newton).
+    """
+    state = checkpoint.load(Path(path), device)
+    cfg = OmegaConf.create(state["config"]["config"])
+    _, _, model = build_problem(cfg, device)
+    model.load_state_dict(state["model"])
+    return model.eval()

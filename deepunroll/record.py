@@ -1,0 +1,52 @@
+"""What a run directory records about itself: resolved config, git commit, package versions."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+PACKAGES = ("deepunroll", "torch", "numpy", "scipy", "pyeit", "scikit-image", "h5py", "hydra-core")
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """HEAD commit of the source tree (with '-dirty' when it has uncommitted changes), or 'unknown'."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def config_dict(cfg: DictConfig) -> dict:
+    """Resolved plain-dict copy of a config, without Hydra's own node."""
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+
+
+def run_record(cfg: DictConfig) -> dict:
+    return {"config": config_dict(cfg), "git_commit": git_commit(), "versions": package_versions()}
+
+
+def write_run_record(cfg: DictConfig, run_dir: Path) -> dict:
+    """Write run_record.json (config, commit, versions) into run_dir and return it."""
+    record = run_record(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run_record.json").write_text(json.dumps(record, indent=2, default=str))
+    return record

@@ -1,0 +1,166 @@
+"""Training loop: Adam + clipping + cosine schedule, TensorBoard, atomic checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from deepunroll.train import checkpoint
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss becomes NaN/Inf and ``train.on_nonfinite=stop``."""
+
+
+class ExistingRunError(RuntimeError):
+    """The run directory already holds a checkpoint and ``train.resume`` is false."""
+
+
+@dataclass
+class TrainSettings:
+    """The ``train.*`` config keys used by the loop."""
+
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    resume: bool = False
+    on_nonfinite: str = "stop"  # stop | skip
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"train.device={name!r}; expected auto, cpu or cuda")
+    return torch.device(name)
+
+
+class Trainer:
+    """Fits ``model(y, x0) ~ x`` with an MSE loss; writes ``checkpoints/{last,best}.pt`` and ``tb/`` in run_dir."""
+
+    def __init__(self, model, train_set: Dataset, val_set: Dataset, settings: TrainSettings, run_dir: Path,
+                 seed: int, record: dict) -> None:
+        self.model, self.train_set, self.val_set = model, train_set, val_set
+        self.settings, self.run_dir, self.seed, self.record = settings, Path(run_dir), int(seed), record
+        self.device = next(model.parameters()).device
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=tuple(settings.betas))
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=settings.epochs)
+        self.last_path = self.run_dir / "checkpoints" / "last.pt"
+        self.best_path = self.run_dir / "checkpoints" / "best.pt"
+        self.epoch, self.best_val, self.history, self.skipped_steps = 0, math.inf, [], 0
+
+    # -------------------------------------------------------------- state
+    def _state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "best_val": self.best_val,
+            "history": self.history,
+            "skipped_steps": self.skipped_steps,
+            "rng": checkpoint.rng_states(),
+            "config": self.record,
+        }
+
+    def _restore(self) -> None:
+        state = checkpoint.load(self.last_path, self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.best_val = state["epoch"], state["best_val"]
+        self.history, self.skipped_steps = state["history"], state["skipped_steps"]
+        checkpoint.restore_rng_states(state["rng"])
+
+    def _prepare_run_dir(self) -> None:
+        if self.settings.resume:
+            if not self.last_path.exists():
+                raise FileNotFoundError(f"train.resume=true but {self.last_path} does not exist")
+            self._restore()
+            print(f"resuming {self.run_dir} from its checkpoint after epoch {self.epoch}")
+        elif self.last_path.exists():
+            raise ExistingRunError(
+                f"{self.last_path} exists; pass train.resume=true to continue that run, or choose another hydra.run.dir"
+            )
+
+    # ------------------------------------------------------------- epochs
+    def _loader(self, dataset: Dataset, epoch: int | None) -> DataLoader:
+        """Shuffled by a generator seeded from (seed, epoch), so a resumed epoch sees the same order."""
+        generator = None if epoch is None else torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return DataLoader(dataset, batch_size=self.settings.batch_size, shuffle=epoch is not None, generator=generator)
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        y, x0, x = (batch[k].to(self.device) for k in ("y", "x0", "x"))
+        return torch.nn.functional.mse_loss(self.model(y, x0), x)
+
+    def _train_epoch(self, writer: SummaryWriter) -> float:
+        self.model.train()
+        total, count = 0.0, 0
+        bar = tqdm(self._loader(self.train_set, self.epoch), desc=f"epoch {self.epoch + 1}/{self.settings.epochs}",
+                   leave=False, dynamic_ncols=True, disable=None, mininterval=0.5)
+        for step, batch in enumerate(bar):
+            loss = self._loss(batch)
+            if not torch.isfinite(loss):
+                if self.settings.on_nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, step {step + 1}; "
+                        f"the last good checkpoint is {self.last_path}"
+                    )
+                self.skipped_steps += 1
+                writer.add_scalar("train/skipped_steps", self.skipped_steps, self.epoch)
+                continue
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+            self.optimizer.step()
+            n = batch["x"].shape[0]
+            total, count = total + loss.item() * n, count + n
+            bar.set_postfix(loss=f"{total / count:.3e}")
+        self.scheduler.step()
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def evaluate_loss(self, dataset: Dataset) -> float:
+        self.model.eval()
+        total = sum(self._loss(b).item() * b["x"].shape[0] for b in self._loader(dataset, None))
+        return total / len(dataset)
+
+    def fit(self) -> list[dict]:
+        """Train to ``settings.epochs``; returns the per-epoch history [{epoch, train_loss, val_loss, lr}]."""
+        self._prepare_run_dir()
+        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.epoch)
+        try:
+            while self.epoch < self.settings.epochs:
+                lr = self.optimizer.param_groups[0]["lr"]
+                train_loss = self._train_epoch(writer)
+                val_loss = self.evaluate_loss(self.val_set)
+                self.epoch += 1
+                self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr})
+                writer.add_scalar("train/loss", train_loss, self.epoch)
+                writer.add_scalar("val/loss", val_loss, self.epoch)
+                writer.add_scalar("train/lr", lr, self.epoch)
+                improved = val_loss < self.best_val
+                if improved:
+                    self.best_val = val_loss
+                state = self._state()
+                checkpoint.save_atomic(state, self.last_path)
+                if improved:
+                    checkpoint.save_atomic(state, self.best_path)
+                tqdm.write(
+                    f"epoch {self.epoch:>3}/{self.settings.epochs}  train {train_loss:.4e}  val {val_loss:.4e}"
+                    + ("  *best" if improved else "")
+                )
+        finally:
+            writer.close()
+        return self.history

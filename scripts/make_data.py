@@ -1,0 +1,17 @@
+"""Generate a dataset: python scripts/make_data.py data=toy operator.a=1.5 [data.splits.train=...]."""
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from deepunroll.data.make import ensure_dataset
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    path = ensure_dataset(cfg.data, instantiate(cfg.operator))
+    print(f"dataset ready: {path}")
+
+
+if __name__ == "__main__":
+    main()

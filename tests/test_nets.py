@@ -1,0 +1,88 @@
+"""Unrolled networks: published parameter counts, accelerators, batch independence."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from deepunroll.nets.accel import RMA, Momentum
+from deepunroll.nets.build import build_model
+from deepunroll.nets.unrolled import count_parameters
+from deepunroll.operators.toy import NonlinearConv1d
+
+NET = {
+    "lpgd": {"n_iter": 20, "grad_through_operator": False,
+             "step": {"_target_": "deepunroll.nets.lpgd.LPGDStep", "hidden": 32, "n_conv": 4, "share_weights": False}},
+    "lpd": {"n_iter": 10, "grad_through_operator": False,
+            "step": {"_target_": "deepunroll.nets.lpd.LPDStep", "primal_channels": 5, "dual_channels": 5,
+                     "hidden": 32, "share_weights": False}},
+}
+ACCEL = {
+    "none": {"_target_": "deepunroll.nets.accel.NoAcceleration"},
+    "momentum": {"_target_": "deepunroll.nets.accel.Momentum", "beta": 0.8, "eta": 1e-3},
+    "rma": {"_target_": "deepunroll.nets.accel.RMA", "cell": "lstm", "hidden": 16, "layers": 1},
+    "rma_gru2": {"_target_": "deepunroll.nets.accel.RMA", "cell": "gru", "hidden": 8, "layers": 2},
+}
+
+
+def build(net, accel, operator, **net_overrides):
+    net_cfg = OmegaConf.merge(OmegaConf.create(NET[net]), net_overrides)
+    return build_model(net_cfg, OmegaConf.create(ACCEL[accel]), operator)
+
+
+def test_published_parameter_counts():
+    assert count_parameters(build("lpgd", "none", NonlinearConv1d())) == 130_640
+    assert count_parameters(build("lpd", "none", NonlinearConv1d())) == 115_990
+    assert count_parameters(RMA(x_shape=(686,), cell="lstm", hidden=128, layers=1)) == 506_286
+
+
+def test_lstm_forget_bias_and_two_layer_readout():
+    rma = RMA(x_shape=(10,), hidden=4, layers=2)
+    assert torch.equal(rma.rnn.bias_ih_l1[4:8], torch.ones(4)) and torch.equal(rma.rnn.bias_hh_l1[4:8], torch.zeros(4))
+    assert rma.readout.in_features == 8
+
+
+def test_momentum_recursion():
+    ma = Momentum(beta=0.8, eta=1e-3)
+    d1, d2 = torch.ones(2, 3), 2 * torch.ones(2, 3)
+    v1, s = ma(d1, ma.init_state(d1))
+    v2, _ = ma(d2, s)
+    torch.testing.assert_close(v1, 1e-3 * d1)
+    torch.testing.assert_close(v2, 0.8 * 1e-3 * d1 + 1e-3 * d2)
+
+
+@pytest.mark.parametrize("net", ["lpgd", "lpd"])
+@pytest.mark.parametrize("accel", ["none", "momentum", "rma", "rma_gru2"])
+def test_batch_independence_float64(net, accel):
+    torch.manual_seed(0)
+    op = NonlinearConv1d(a=1.0)
+    model = build(net, accel, op, n_iter=4).double()
+    x = torch.randn(5, 53, dtype=torch.float64)
+    y, x0 = op(x), torch.zeros(5, 53, dtype=torch.float64)
+    batched = model(y, x0)
+    singles = torch.cat([model(y[i : i + 1], x0[i : i + 1]) for i in range(5)])
+    assert batched.shape == (5, 53)
+    torch.testing.assert_close(batched, singles, rtol=0, atol=1e-12)
+
+
+def test_grad_through_operator_changes_gradients_only_when_asked():
+    torch.manual_seed(0)
+    op = NonlinearConv1d(a=1.0)
+    x = torch.randn(2, 53, dtype=torch.float64)
+    y, x0 = op(x), torch.zeros(2, 53, dtype=torch.float64)
+    grads = {}
+    for through in (False, True):
+        torch.manual_seed(1)
+        model = build("lpgd", "none", op, n_iter=3, grad_through_operator=through).double()
+        model(y, x0).square().sum().backward()
+        grads[through] = model.step.blocks[0][0].weight.grad.clone()
+    assert not torch.allclose(grads[False], grads[True])
+
+
+def test_shared_weights_and_bad_sizes():
+    op = NonlinearConv1d()
+    shared = build("lpgd", "none", op, step={"share_weights": True})
+    assert len(shared.step.blocks) == 1 and count_parameters(shared) == 130_640 // 20
+    with pytest.raises(ValueError, match=r"net.n_iter=0"):
+        build("lpgd", "none", op, n_iter=0)
+    with pytest.raises(ValueError, match=r"accel.cell='rnn'"):
+        RMA(x_shape=(4,), cell="rnn")
