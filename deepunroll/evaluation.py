@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from deepunroll.metrics import SIGNAL_METRICS
+from deepunroll import metrics as metric_fns
 from deepunroll.pipeline import load_checkpoint_config, load_datasets, load_model
 
 
-def score(x_hat: torch.Tensor, x: torch.Tensor, metrics=SIGNAL_METRICS) -> dict[str, tuple[float, float]]:
+def score(x_hat: torch.Tensor, x: torch.Tensor, metrics: dict) -> dict[str, tuple[float, float]]:
     """{metric: (mean, std)} over samples."""
     out = {}
     for name, fn in metrics.items():
@@ -34,7 +34,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path, split: str = "test", device
     rows = []
     for method, estimate in (("x0", dataset.x0), (cfg.name, x_hat)):
         row = {"method": method, "split": split, "n": len(dataset)}
-        for name, (mean, std) in score(estimate, dataset.x).items():
+        for name, (mean, std) in score(estimate, dataset.x, metric_fns.select(cfg.data.metrics)).items():
             row[f"{name}_mean"], row[f"{name}_std"] = mean, std
         rows.append(row)
     return rows

@@ -34,4 +34,12 @@ def dynamic_range(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return 100 * data_range(x_hat) / data_range(x)
 
 
-SIGNAL_METRICS = {"mse": mse, "rel_err": relative_error, "psnr": psnr}
+METRICS = {"mse": mse, "rel_err": relative_error, "psnr": psnr, "dr": dynamic_range}
+
+
+def select(names) -> dict:
+    """{name: fn} for the names in ``data.metrics``; unknown names are an error listing the known ones."""
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"data.metrics: unknown {unknown}; expected names from {sorted(METRICS)}")
+    return {n: METRICS[n] for n in names}

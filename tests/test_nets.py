@@ -19,7 +19,7 @@ NET = {
 ACCEL = {
     "none": {"_target_": "deepunroll.nets.accel.NoAcceleration"},
     "momentum": {"_target_": "deepunroll.nets.accel.Momentum", "beta": 0.8, "eta": 1e-3},
-    "rma": {"_target_": "deepunroll.nets.accel.RMA", "cell": "lstm", "hidden": 16, "layers": 1},
+    "rma": {"_target_": "deepunroll.nets.accel.recurrent_momentum", "cell": "lstm", "hidden": 16, "layers": 1},
     "rma_gru2": {"_target_": "deepunroll.nets.accel.RMA", "cell": "gru", "hidden": 8, "layers": 2},
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 
 from deepunroll.nets.unrolled import UnrolledNet
@@ -14,7 +14,7 @@ from deepunroll.operators.base import ForwardOperator
 def _shape_kwargs(node: DictConfig, operator: ForwardOperator, n_iter: int) -> dict:
     """Fill the constructor arguments that come from the operator and net, not from the user."""
     available = {"x_shape": tuple(operator.in_shape), "y_shape": tuple(operator.out_shape), "n_iter": n_iter}
-    params = inspect.signature(get_class(node._target_)).parameters
+    params = inspect.signature(get_object(node._target_)).parameters
     return {name: value for name, value in available.items() if name in params}
 
 
