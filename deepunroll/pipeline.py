@@ -19,8 +19,10 @@ from deepunroll.data.make import ensure_dataset, load_split
 from deepunroll.nets.build import build_model
 from deepunroll.nets.unrolled import UnrolledNet, count_parameters
 from deepunroll.operators.base import ForwardOperator
+from deepunroll.config_checks import validate
 from deepunroll.record import write_run_record
 from deepunroll.train import checkpoint
+from deepunroll.train.checkpoint import seed_everything
 from deepunroll.train.trainer import Trainer, TrainSettings, resolve_device
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -51,18 +53,24 @@ def load_datasets(cfg: DictConfig, operator: ForwardOperator, splits=("train", "
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train one experiment into ``run_dir``; returns {"history", "best": path, "last": path, "n_params"}."""
-    torch.manual_seed(int(cfg.seed))
+    """Train one experiment into ``run_dir``; returns {"history", "best": path, "last": path, "n_params"}.
+
+    The config is validated first; with ``train.resume=true`` the run continues from
+    ``run_dir/checkpoints/last.pt``, and without it an existing checkpoint there is an error.
+    """
+    validate(cfg)
+    seed_everything(int(cfg.seed))
     device = resolve_device(cfg.train.device)
     operator, _, model = build_problem(cfg, device)
+    settings = TrainSettings(**{k: cfg.train[k] for k in TrainSettings.__dataclass_fields__})
+    trainer = Trainer(model, settings, run_dir, int(cfg.seed))
+    trainer.check_run_dir()
     datasets = load_datasets(cfg, operator)
     n_params = count_parameters(model)
     print(f"{cfg.name}: {n_params:,} trainable parameters on {device}; "
           f"{len(datasets['train'])} training / {len(datasets['val'])} validation samples")
     record = write_run_record(cfg, run_dir)
-    settings = TrainSettings(**{k: cfg.train[k] for k in TrainSettings.__dataclass_fields__})
-    trainer = Trainer(model, datasets["train"], datasets["val"], settings, run_dir, int(cfg.seed), record)
-    history = trainer.fit()
+    history = trainer.fit(datasets["train"], datasets["val"], record)
     return {"history": history, "best": trainer.best_path, "last": trainer.last_path, "n_params": n_params}
 
 

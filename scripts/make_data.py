@@ -4,11 +4,13 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from deepunroll.config_checks import validate
 from deepunroll.data.make import ensure_dataset
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    validate(cfg)
     path = ensure_dataset(cfg.data, instantiate(cfg.operator))
     print(f"dataset ready: {path}")
 

@@ -49,10 +49,9 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     """Fits ``model(y, x0) ~ x`` with an MSE loss; writes ``checkpoints/{last,best}.pt`` and ``tb/`` in run_dir."""
 
-    def __init__(self, model, train_set: Dataset, val_set: Dataset, settings: TrainSettings, run_dir: Path,
-                 seed: int, record: dict) -> None:
-        self.model, self.train_set, self.val_set = model, train_set, val_set
-        self.settings, self.run_dir, self.seed, self.record = settings, Path(run_dir), int(seed), record
+    def __init__(self, model, settings: TrainSettings, run_dir: Path, seed: int) -> None:
+        self.model, self.settings, self.run_dir, self.seed = model, settings, Path(run_dir), int(seed)
+        self.record: dict = {}
         self.device = next(model.parameters()).device
         self.optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=tuple(settings.betas))
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=settings.epochs)
@@ -83,13 +82,11 @@ class Trainer:
         self.history, self.skipped_steps = state["history"], state["skipped_steps"]
         checkpoint.restore_rng_states(state["rng"])
 
-    def _prepare_run_dir(self) -> None:
-        if self.settings.resume:
-            if not self.last_path.exists():
-                raise FileNotFoundError(f"train.resume=true but {self.last_path} does not exist")
-            self._restore()
-            print(f"resuming {self.run_dir} from its checkpoint after epoch {self.epoch}")
-        elif self.last_path.exists():
+    def check_run_dir(self) -> None:
+        """Fail before any work if resuming without a checkpoint, or starting over an existing one."""
+        if self.settings.resume and not self.last_path.exists():
+            raise FileNotFoundError(f"train.resume=true but {self.last_path} does not exist")
+        if not self.settings.resume and self.last_path.exists():
             raise ExistingRunError(
                 f"{self.last_path} exists; pass train.resume=true to continue that run, or choose another hydra.run.dir"
             )
@@ -104,10 +101,10 @@ class Trainer:
         y, x0, x = (batch[k].to(self.device) for k in ("y", "x0", "x"))
         return torch.nn.functional.mse_loss(self.model(y, x0), x)
 
-    def _train_epoch(self, writer: SummaryWriter) -> float:
+    def _train_epoch(self, train_set: Dataset, writer: SummaryWriter) -> float:
         self.model.train()
         total, count = 0.0, 0
-        bar = tqdm(self._loader(self.train_set, self.epoch), desc=f"epoch {self.epoch + 1}/{self.settings.epochs}",
+        bar = tqdm(self._loader(train_set, self.epoch), desc=f"epoch {self.epoch + 1}/{self.settings.epochs}",
                    leave=False, dynamic_ncols=True, disable=None, mininterval=0.5)
         for step, batch in enumerate(bar):
             loss = self._loss(batch)
@@ -136,15 +133,22 @@ class Trainer:
         total = sum(self._loss(b).item() * b["x"].shape[0] for b in self._loader(dataset, None))
         return total / len(dataset)
 
-    def fit(self) -> list[dict]:
-        """Train to ``settings.epochs``; returns the per-epoch history [{epoch, train_loss, val_loss, lr}]."""
-        self._prepare_run_dir()
+    def fit(self, train_set: Dataset, val_set: Dataset, record: dict | None = None) -> list[dict]:
+        """Train to ``settings.epochs``; returns the per-epoch history [{epoch, train_loss, val_loss, lr}].
+
+        ``record`` (config, commit, versions) is stored in every checkpoint.
+        """
+        self.check_run_dir()
+        self.record = record or {}
+        if self.settings.resume:
+            self._restore()
+            print(f"resuming {self.run_dir} from its checkpoint after epoch {self.epoch}")
         writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.epoch)
         try:
             while self.epoch < self.settings.epochs:
                 lr = self.optimizer.param_groups[0]["lr"]
-                train_loss = self._train_epoch(writer)
-                val_loss = self.evaluate_loss(self.val_set)
+                train_loss = self._train_epoch(train_set, writer)
+                val_loss = self.evaluate_loss(val_set)
                 self.epoch += 1
                 self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr})
                 writer.add_scalar("train/loss", train_loss, self.epoch)

@@ -1,0 +1,88 @@
+"""Validate a composed config before any work: one line naming the key, the value and what is allowed.
+
+Hydra already rejects overrides of keys that do not exist (``train.epoch=3``: "Key 'epoch' is not in
+struct") and unknown group options (``accel=foo``); this module catches wrong types, out-of-range
+values and keys appended with ``+`` that nothing reads.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value has the wrong type or is out of range."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+POSITIVE_INT = (lambda v: _is_int(v) and v > 0, "a positive integer")
+NON_NEGATIVE_INT = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+POSITIVE = (lambda v: _is_number(v) and v > 0, "a number > 0")
+NON_NEGATIVE = (lambda v: _is_number(v) and v >= 0, "a number >= 0")
+FRACTION = (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+BOOL = (lambda v: isinstance(v, bool), "true or false")
+
+
+def one_of(*choices):
+    return (lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+
+
+# key -> (predicate, what is allowed); keys absent from a problem's config are skipped
+RULES = {
+    "seed": NON_NEGATIVE_INT,
+    "train.epochs": POSITIVE_INT,
+    "train.batch_size": POSITIVE_INT,
+    "train.lr": POSITIVE,
+    "train.grad_clip": POSITIVE,
+    "train.device": one_of("auto", "cpu", "cuda"),
+    "train.dtype": one_of("float32", "float64"),
+    "train.resume": BOOL,
+    "train.on_nonfinite": one_of("stop", "skip"),
+    "net.n_iter": POSITIVE_INT,
+    "net.grad_through_operator": BOOL,
+    "data.splits.train": POSITIVE_INT,
+    "data.splits.val": POSITIVE_INT,
+    "data.splits.test": POSITIVE_INT,
+    "data.noise": NON_NEGATIVE,
+    "data.seed": NON_NEGATIVE_INT,
+    "operator.a": (lambda v: _is_number(v), "a number"),
+    "operator.h0": POSITIVE,
+    "operator.meas_fraction": FRACTION,
+    "accel.beta": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "accel.eta": POSITIVE,
+    "accel.hidden": POSITIVE_INT,
+    "accel.layers": POSITIVE_INT,
+    "accel.cell": one_of("lstm", "gru", "convlstm"),
+}
+KNOWN_TRAIN_KEYS = {k.split(".")[1] for k in RULES if k.startswith("train.")} | {"betas"}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first bad value; called by every script before touching data."""
+    for key, (ok, allowed) in RULES.items():
+        value = OmegaConf.select(cfg, key, default="__absent__")
+        if value == "__absent__":
+            continue
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r}: expected {allowed}")
+    if "train" in cfg:
+        unknown = sorted(set(cfg.train) - KNOWN_TRAIN_KEYS)
+        if unknown:
+            raise ConfigError(f"train.{unknown[0]}: unknown key; known keys are {sorted(KNOWN_TRAIN_KEYS)}")
+        betas = cfg.train.get("betas")
+        if betas is not None and not (len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+            raise ConfigError(f"train.betas={list(betas)!r}: expected two numbers in [0, 1)")
+    n_train = OmegaConf.select(cfg, "data.n_train")
+    if n_train is not None:
+        pool = OmegaConf.select(cfg, "data.splits.train")
+        if not (_is_int(n_train) and n_train > 0):
+            raise ConfigError(f"data.n_train={n_train!r}: expected a positive integer or null (all)")
+        if _is_int(pool) and n_train > pool:
+            raise ConfigError(f"data.n_train={n_train}: exceeds the training pool data.splits.train={pool}")

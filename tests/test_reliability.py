@@ -1,0 +1,144 @@
+"""Reliability: config validation, crash-safe resume after SIGKILL, NaN handling, determinism."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, compose_config
+from deepunroll.config_checks import ConfigError, validate
+from deepunroll.pipeline import build_problem, load_datasets, train
+from deepunroll.train import checkpoint
+from deepunroll.train.trainer import ExistingRunError, NonFiniteLossError, Trainer, TrainSettings
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("net.n_iter=0", r"net.n_iter=0: expected a positive integer"),
+        ("train.epochs=abc", r"train.epochs='abc': expected a positive integer"),
+        ("data.noise=-0.1", r"data.noise=-0.1: expected a number >= 0"),
+        ("data.n_train=20000", r"data.n_train=20000: exceeds the training pool data.splits.train=11000"),
+        ("train.device=gpu", r"train.device='gpu': expected one of auto, cpu, cuda"),
+        ("+train.epoch=3", r"train.epoch: unknown key"),
+        ("train.betas=[0.9,1.5]", r"train.betas=\[0.9, 1.5\]: expected two numbers in \[0, 1\)"),
+        ("+operator.h0=0", r"operator.h0=0: expected a number > 0"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config([override]))
+
+
+def test_accel_options_are_checked():
+    with pytest.raises(ConfigError, match=r"accel.cell='rnn': expected one of lstm, gru, convlstm"):
+        validate(compose_config(["accel=rma", "accel.cell=rnn"]))
+
+
+def run_script(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_typo_fails_before_any_work(tmp_path):
+    """Hydra's struct mode names an unknown key; our checks name a bad value; no data is written."""
+    typo = run_script("scripts/train.py", "train.epoch=3", f"data.root={tmp_path}")
+    assert typo.returncode != 0 and "train.epoch" in typo.stderr
+    bad = run_script("scripts/train.py", "net.n_iter=-2", f"data.root={tmp_path}")
+    assert bad.returncode != 0 and "net.n_iter=-2: expected a positive integer" in bad.stderr
+    unknown_accel = run_script("scripts/train.py", "accel=foo", f"data.root={tmp_path}")
+    assert unknown_accel.returncode != 0 and "foo" in unknown_accel.stderr and "rma" in unknown_accel.stderr
+    assert not list(tmp_path.iterdir())
+
+
+RESUME = ["+experiment=toy_lpgd_ma", "net.n_iter=4", "train.epochs=5", "train.batch_size=16", "train.device=cpu",
+          "data.splits.train=512", "data.splits.val=32", "data.splits.test=32"]
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    data = f"data.root={tmp_path}/data"
+    reference = run_script("scripts/train.py", *RESUME, data, f"hydra.run.dir={tmp_path}/reference")
+    assert reference.returncode == 0, reference.stderr
+
+    run_dir = tmp_path / "killed"
+    last = run_dir / "checkpoints" / "last.pt"
+    proc = subprocess.Popen([sys.executable, "scripts/train.py", *RESUME, data, f"hydra.run.dir={run_dir}"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint.load(last)["epoch"]
+    assert 1 <= killed_at < 5, "the run must be killed mid-training for this test to mean anything"
+
+    again = run_script("scripts/train.py", *RESUME, data, f"hydra.run.dir={run_dir}")
+    assert again.returncode != 0 and "train.resume=true" in again.stderr  # never silently overwritten
+    resumed = run_script("scripts/train.py", *RESUME, data, f"hydra.run.dir={run_dir}", "train.resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run_dir} from its checkpoint after epoch {killed_at}" in resumed.stdout
+
+    ours = checkpoint.load(last)
+    ref = checkpoint.load(tmp_path / "reference" / "checkpoints" / "last.pt")
+    assert ours["epoch"] == ref["epoch"] == 5
+    for name, tensor in ref["model"].items():
+        assert torch.equal(ours["model"][name], tensor), name
+    assert [h["val_loss"] for h in ours["history"]] == [h["val_loss"] for h in ref["history"]]
+
+
+def tiny_trainer(tiny_toy, tmp_path, **settings):
+    cfg = compose_config(["+experiment=toy_lpgd"] + tiny_toy)
+    operator, _, model = build_problem(cfg)
+    datasets = load_datasets(cfg, operator)
+    trainer = Trainer(model, TrainSettings(epochs=3, batch_size=16, **settings), tmp_path / "run", seed=0)
+    return trainer, datasets
+
+
+def inject_nan(model, at_call):
+    """Make the model's output NaN on its at_call-th training call."""
+    original, calls = model.forward, {"n": 0}
+
+    def forward(y, x0):
+        out = original(y, x0)
+        calls["n"] += model.training
+        return out * float("nan") if model.training and calls["n"] == at_call else out
+
+    model.forward = forward
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tiny_toy, tmp_path):
+    trainer, datasets = tiny_trainer(tiny_toy, tmp_path)
+    inject_nan(trainer.model, at_call=6 + 3)  # 6 steps per epoch (96 / 16): epoch 2, step 3
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 2, step 3; the last good checkpoint is .*last.pt"):
+        trainer.fit(datasets["train"], datasets["val"])
+    kept = checkpoint.load(trainer.last_path)
+    assert kept["epoch"] == 1 and all(torch.isfinite(t).all() for t in kept["model"].values())
+
+
+def test_nan_loss_skip_counts_steps(tiny_toy, tmp_path):
+    trainer, datasets = tiny_trainer(tiny_toy, tmp_path, on_nonfinite="skip")
+    inject_nan(trainer.model, at_call=4)
+    history = trainer.fit(datasets["train"], datasets["val"])
+    assert trainer.skipped_steps == 1 and len(history) == 3
+    assert checkpoint.load(trainer.last_path)["skipped_steps"] == 1
+
+
+def test_existing_checkpoint_is_not_overwritten(tiny_toy, tmp_path):
+    cfg = compose_config(["+experiment=toy_lpgd"] + tiny_toy)
+    train(cfg, tmp_path / "run")
+    with pytest.raises(ExistingRunError, match="train.resume=true"):
+        train(cfg, tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="train.resume=true but"):
+        train(compose_config(["+experiment=toy_lpgd", "train.resume=true"] + tiny_toy), tmp_path / "other")
+
+
+def test_same_seed_same_numbers(tiny_toy, tmp_path):
+    cfg = compose_config(["+experiment=toy_lpgd_rma"] + tiny_toy)
+    first = train(cfg, tmp_path / "a")["history"]
+    second = train(cfg, tmp_path / "b")["history"]
+    assert first == second
+    other_seed = train(compose_config(["+experiment=toy_lpgd_rma", "seed=1"] + tiny_toy), tmp_path / "c")["history"]
+    assert other_seed != first
