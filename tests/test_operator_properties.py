@@ -1,0 +1,65 @@
+"""Property tests (hypothesis): for any batch size, dtype and operator setting, forward, vjp and
+jacobian agree, and malformed inputs raise the documented error."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deepunroll.operators.blur import VolterraBlur2d
+from deepunroll.operators.toy import NonlinearConv1d
+
+DTYPES = st.sampled_from([torch.float32, torch.float64])
+TOL = {torch.float32: 2e-4, torch.float64: 1e-10}
+
+
+@st.composite
+def toy_operators(draw):
+    window = draw(st.integers(1, 9))
+    length = draw(st.integers(window, 30))
+    return NonlinearConv1d(length, window, draw(st.integers(1, 5)), a=draw(st.floats(-2, 2)), seed=draw(st.integers(0, 9)))
+
+
+@st.composite
+def blur_operators(draw):
+    size = draw(st.integers(3, 9))
+    return VolterraBlur2d(image_size=size, kernel_size=draw(st.sampled_from([1, 3, 5])), a=draw(st.floats(-2, 2)),
+                          stride=draw(st.integers(1, 3)), boundary=draw(st.sampled_from(["reflect", "mirror", "constant", "wrap"])),
+                          seed=draw(st.integers(0, 9)))
+
+
+OPERATORS = {"toy": toy_operators(), "blur2d": blur_operators()}
+CHECKS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+@CHECKS
+@given(data=st.data(), batch=st.integers(1, 4), dtype=DTYPES)
+def test_forward_vjp_jacobian_agree(name, data, batch, dtype):
+    op = data.draw(OPERATORS[name])
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    x = torch.randn(batch, *op.in_shape, generator=gen).to(dtype)
+    v = torch.randn(batch, *op.out_shape, generator=gen).to(dtype)
+    y, vjp, jac = op(x), op.vjp(x, v), op.jacobian(x)
+    assert y.shape == (batch, *op.out_shape) and y.dtype == dtype
+    assert vjp.shape == x.shape and vjp.dtype == dtype and jac.shape == (batch, op.n_out, op.n_in)
+    from_jac = (jac.transpose(1, 2) @ v.reshape(batch, -1, 1)).reshape(x.shape)
+    torch.testing.assert_close(vjp, from_jac, rtol=TOL[dtype], atol=TOL[dtype])
+    # each sample is independent of the others in the batch
+    torch.testing.assert_close(op(x[-1:]), y[-1:], rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+@CHECKS
+@given(data=st.data(), extra=st.integers(1, 3))
+def test_bad_inputs_raise_documented_errors(name, data, extra):
+    op = data.draw(OPERATORS[name])
+    wrong_shape = torch.zeros(2, *(n + extra for n in op.in_shape))
+    with pytest.raises(ValueError, match=r"x must have shape \(B, "):
+        op(wrong_shape)
+    with pytest.raises(ValueError, match=r"v must have shape \(B, "):
+        op.vjp(torch.zeros(2, *op.in_shape), torch.zeros(2, op.n_out + extra))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        op(torch.zeros(2, *op.in_shape, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"x must have shape"):
+        op(torch.zeros(*op.in_shape))  # missing batch dimension
