@@ -37,6 +37,7 @@ def one_of(*choices):
 # key -> (predicate, what is allowed); keys absent from a problem's config are skipped
 RULES = {
     "seed": NON_NEGATIVE_INT,
+    "evaluate": BOOL,
     "train.epochs": POSITIVE_INT,
     "train.batch_size": POSITIVE_INT,
     "train.lr": POSITIVE,

@@ -1,11 +1,13 @@
 """Reconstruction metrics, per sample (REFERENCE.md, Metrics: "ours").
 
-All take x_hat, x of shape (B, *shape) and return (B,) tensors.
+All take x_hat, x of shape (B, *shape) and return (B,) tensors (ssim: images (B, H, W)).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from skimage.metrics import structural_similarity
 
 
 def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -34,12 +36,58 @@ def dynamic_range(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return 100 * data_range(x_hat) / data_range(x)
 
 
-METRICS = {"mse": mse, "rel_err": relative_error, "psnr": psnr, "dr": dynamic_range}
+def ssim(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """scikit-image's structural_similarity (7x7 uniform window, K1 = 0.01, K2 = 0.03) per sample,
+    with data_range = that sample's ground-truth range. Images (B, H, W), H and W >= 7; float64 result on x's device.
+    """
+    truth = x.detach().cpu().double().numpy()
+    estimate = x_hat.detach().cpu().double().numpy()
+    if truth.ndim != 3 or min(truth.shape[1:]) < 7:
+        raise ValueError(f"ssim needs images (B, H, W) of at least 7x7 pixels, got shape {tuple(x.shape)}")
+    values = [structural_similarity(t, e, data_range=float(t.max() - t.min())) for t, e in zip(truth, estimate)]
+    return torch.tensor(np.asarray(values, dtype=np.float64), device=x.device)
 
 
-def select(names) -> dict:
+class MeshSSIM:
+    """SSIM on a triangle mesh (REFERENCE.md, Metrics, ours), per sample, (B,).
+
+    For element e the window is e and every element sharing a vertex with it; local means,
+    (population) variances and covariance over the window give
+    SSIM_e = (2 mu_x mu_y + c1)(2 cov + c2) / ((mu_x^2 + mu_y^2 + c1)(var_x + var_y + c2)),
+    c1 = (0.01 L)^2, c2 = (0.03 L)^2, L = that sample's ground-truth range; the result is the
+    mean over elements. ``elements``: (n_elems, 3) node indices.
+    """
+
+    def __init__(self, elements: torch.Tensor) -> None:
+        elements = torch.as_tensor(elements, dtype=torch.long).cpu()
+        n_elems, n_nodes = elements.shape[0], int(elements.max()) + 1
+        incidence = torch.zeros(n_elems, n_nodes, dtype=torch.float64)
+        incidence[torch.arange(n_elems).repeat_interleave(3), elements.flatten()] = 1.0
+        window = ((incidence @ incidence.T) > 0).to(torch.float64)  # shares >= 1 vertex (incl. itself)
+        self.average = window / window.sum(1, keepdim=True)          # (n_elems, n_elems) row-stochastic
+
+    def __call__(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        avg = self.average.to(x.device)
+        x_hat, x = x_hat.to(torch.float64), x.to(torch.float64)
+        mu_a, mu_b = x_hat @ avg.T, x @ avg.T
+        var_a = (x_hat * x_hat) @ avg.T - mu_a**2
+        var_b = (x * x) @ avg.T - mu_b**2
+        cov = (x_hat * x) @ avg.T - mu_a * mu_b
+        L = data_range(x)[:, None]
+        c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+        ssim = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+        return ssim.mean(1)
+
+
+METRICS = {"mse": mse, "rel_err": relative_error, "psnr": psnr, "ssim": ssim, "dr": dynamic_range}
+# metrics built from the operator (mesh connectivity): name -> factory(operator)
+OPERATOR_METRICS = {"ssim_mesh": lambda operator: MeshSSIM(operator.elements)}
+
+
+def select(names, operator=None) -> dict:
     """{name: fn} for the names in ``data.metrics``; unknown names are an error listing the known ones."""
-    unknown = [n for n in names if n not in METRICS]
+    known = sorted(METRICS) + sorted(OPERATOR_METRICS)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"data.metrics: unknown {unknown}; expected names from {sorted(METRICS)}")
-    return {n: METRICS[n] for n in names}
+        raise ValueError(f"data.metrics: unknown {unknown}; expected names from {known}")
+    return {n: METRICS[n] if n in METRICS else OPERATOR_METRICS[n](operator) for n in names}

@@ -17,8 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from deepunroll.data.datasets import InverseProblemDataset
 from deepunroll.data.make import ensure_dataset, load_split
 from deepunroll.nets.build import build_model
+from deepunroll.nets.domain import GridDomainNet
 from deepunroll.nets.unrolled import UnrolledNet, count_parameters
 from deepunroll.operators.base import ForwardOperator
+from deepunroll.operators.eit.grid import GridOperator
 from deepunroll.config_checks import validate
 from deepunroll.record import write_run_record
 from deepunroll.train import checkpoint
@@ -38,11 +40,17 @@ def build_problem(cfg: DictConfig, device: torch.device | str = "cpu"):
     """(operator, sample generator, model) from ``cfg.operator``, ``cfg.data``, ``cfg.net``, ``cfg.accel``."""
     operator: ForwardOperator = instantiate(cfg.operator)
     generator = instantiate(cfg.data.generator)
-    model = build_model(cfg.net, cfg.accel, operator, initial_guess=generator.initial_guess).to(device)
+    domain = cfg.net.get("domain", "native")
+    if domain not in ("native", "grid"):
+        raise ValueError(f"net.domain={domain!r}; expected native or grid")
+    net_operator = GridOperator(operator, cfg.net.grid_size) if domain == "grid" else operator
+    model = build_model(cfg.net, cfg.accel, net_operator, initial_guess=generator.initial_guess)
     dtype = network_dtype(cfg)
     model.step.to(dtype)
     model.accelerator.to(dtype)  # the operator keeps its own (float64) precision
-    return operator, generator, model
+    if domain == "grid":
+        model = GridDomainNet(model, initial_guess=generator.initial_guess)
+    return operator, generator, model.to(device)
 
 
 def load_datasets(cfg: DictConfig, operator: ForwardOperator, splits=("train", "val")) -> dict[str, InverseProblemDataset]:

@@ -1,4 +1,10 @@
-"""Train one experiment: python scripts/train.py +experiment=toy_lpgd_rma [overrides]."""
+"""Train one experiment, then score it on the test split:
+
+    python scripts/train.py +experiment=eit_rma [overrides]
+
+The run directory gets checkpoints/, tb/ (TensorBoard), run_record.json, and
+checkpoints/best_test_metrics.csv + best_test_reconstructions.png (skip with evaluate=false).
+"""
 
 from pathlib import Path
 
@@ -6,7 +12,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from deepunroll.evaluation import evaluate_to_files, format_table
 from deepunroll.pipeline import train
+from deepunroll.train.trainer import resolve_device
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
@@ -15,6 +23,10 @@ def main(cfg: DictConfig) -> float:
     result = train(cfg, run_dir)
     best = min(h["val_loss"] for h in result["history"])
     print(f"best validation loss {best:.4e}; checkpoints in {run_dir / 'checkpoints'}")
+    if cfg.evaluate:
+        rows, written = evaluate_to_files([result["best"]], "test", str(resolve_device(cfg.train.device)))
+        print(format_table(rows))
+        print("wrote " + ", ".join(str(p) for p in written))
     return best
 
 

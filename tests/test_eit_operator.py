@@ -272,3 +272,18 @@ def test_bench_runs_and_reports_agreement(capsys):
     assert "ours misfit_grad, batch 2" in out and "floor: one Cholesky" in out
     agreement = float(out.split("gradient agreement with pyEIT (relative):")[1].split()[0])
     assert agreement < 1e-8
+
+
+def test_min_conductivity_clamps_instead_of_raising():
+    op = EIT(n_electrodes=8, h0=0.3, min_conductivity=0.05)
+    sigma = torch.ones(2, op.n_elems, dtype=torch.float64)
+    low = sigma.clone()
+    low[0, :3] = -1.0
+    clamped = low.clone()
+    clamped[0, :3] = 0.05
+    torch.testing.assert_close(op(low), op(clamped), rtol=0, atol=0)
+    low[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="positive and finite"):
+        op(low)
+    with pytest.raises(ValueError, match="operator.min_conductivity=0"):
+        EIT(n_electrodes=8, h0=0.3, min_conductivity=0)

@@ -23,3 +23,41 @@ def test_psnr_matches_scikit_image():
     for i in range(6):
         ref = peak_signal_noise_ratio(x[i], x_hat[i], data_range=x[i].max() - x[i].min())
         np.testing.assert_allclose(ours[i], ref, rtol=1e-12)
+
+
+def test_ssim_matches_scikit_image_per_sample_range():
+    from skimage.metrics import structural_similarity
+
+    from deepunroll.metrics import METRICS, ssim
+
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, size=(4, 16, 12)) * np.array([1.0, 0.5, 2.0, 0.1])[:, None, None]  # ranges differ
+    x_hat = x + 0.05 * rng.standard_normal(x.shape)
+    ours = ssim(torch.from_numpy(x_hat), torch.from_numpy(x))
+    assert ours.shape == (4,) and ours.dtype == torch.float64 and METRICS["ssim"] is ssim
+    for i in range(4):
+        ref = structural_similarity(x[i], x_hat[i], data_range=x[i].max() - x[i].min())
+        np.testing.assert_allclose(ours[i].item(), ref, rtol=1e-12)
+    assert torch.allclose(ssim(torch.from_numpy(x), torch.from_numpy(x)), torch.ones(4, dtype=torch.float64))
+
+
+def test_mesh_ssim_matches_an_element_loop():
+    """MeshSSIM against a per-element loop over vertex-sharing neighbourhoods (REFERENCE.md, ours)."""
+    from deepunroll.metrics import MeshSSIM
+
+    elements = np.array([[0, 1, 2], [1, 2, 3], [2, 3, 4], [4, 5, 6], [5, 6, 7]])
+    rng = np.random.default_rng(1)
+    x, x_hat = rng.uniform(0.5, 2, size=(2, 5)), rng.uniform(0.5, 2, size=(2, 5))
+    ours = MeshSSIM(torch.from_numpy(elements))(torch.from_numpy(x_hat), torch.from_numpy(x)).numpy()
+    for b in range(2):
+        L = x[b].max() - x[b].min()
+        c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+        values = []
+        for e in range(5):
+            window = [f for f in range(5) if set(elements[e]) & set(elements[f])]
+            a, t = x_hat[b, window], x[b, window]
+            cov = ((a - a.mean()) * (t - t.mean())).mean()
+            values.append((2 * a.mean() * t.mean() + c1) * (2 * cov + c2)
+                          / ((a.mean() ** 2 + t.mean() ** 2 + c1) * (a.var() + t.var() + c2)))
+        np.testing.assert_allclose(ours[b], np.mean(values), rtol=1e-12)
+    assert MeshSSIM(torch.from_numpy(elements))(torch.from_numpy(x), torch.from_numpy(x)).tolist() == [1.0, 1.0]

@@ -42,6 +42,7 @@ class EIT(ForwardOperator):
         electrodes: Sequence[int] | None = None,
         meas_fraction: float = 1.0,
         meas_seed: int = 0,
+        min_conductivity: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
@@ -62,6 +63,9 @@ class EIT(ForwardOperator):
             "meas_seed": int(meas_seed),
         }
         self._build(MeshGeometry.from_pyeit(mesh), plan, config, device, dtype)
+        if min_conductivity is not None and not min_conductivity > 0:
+            raise ValueError(f"operator.min_conductivity={min_conductivity}; expected a positive floor or null")
+        self.min_conductivity = None if min_conductivity is None else float(min_conductivity)
 
     @classmethod
     def from_pyeit(
@@ -104,6 +108,7 @@ class EIT(ForwardOperator):
         if dtype != torch.float64:
             raise ValueError(f"EIT: dtype is the physics dtype and must be torch.float64, got {dtype}")
         self.geometry, self.plan, self.config = geometry, plan, config
+        self.min_conductivity: float | None = None
         self.in_shape, self.out_shape = (geometry.n_elems,), (plan.n_meas,)
         self.ref_node = geometry.ref_node
         entry_slot, entry_owner, entry_value, slot_flat = fem.assembly_indices(
@@ -184,8 +189,15 @@ class EIT(ForwardOperator):
 
     # ------------------------------------------------------------- physics
     def physics_input(self, sigma: torch.Tensor, check_positive: bool = True) -> torch.Tensor:
-        """sigma cast to float64; raises ValueError if any entry is <= 0 or not finite."""
+        """sigma cast to float64; raises ValueError if any entry is <= 0 or not finite.
+
+        With ``min_conductivity`` set, finite entries below it are clamped to it instead (what
+        unrolled networks use: their iterates may leave the positive cone while training; the
+        clamp is documented and only NaN/Inf still raise).
+        """
         sigma64 = sigma.to(_PHYSICS_DTYPE)
+        if check_positive and self.min_conductivity is not None and bool(torch.isfinite(sigma64).all()):
+            return sigma64.clamp_min(self.min_conductivity)
         if check_positive:
             bad = ~(sigma64 > 0) | ~torch.isfinite(sigma64)
             n_bad = int(bad.sum())

@@ -1,0 +1,105 @@
+"""One EIT training step at published size, data-fit gradients our way vs the authors' way.
+
+python scripts/bench.py train_step [--h0 0.1] [--n-iter 20] [--batch 2] [--epoch-samples 400]
+
+Ours: `EIT.misfit_grad` (one factorisation per sample, adjoint vjp, batched).
+Authors' way: pyEIT `compute_jac` per sample per iterate (NumPy), then J^T r — what their
+LPGD-RMA scripts did for every iterate of every sample. Both feed the same LPGD-RMA network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from pyeit.eit.fem import EITForward
+
+from deepunroll.bench.eit import seconds
+from deepunroll.data.phantoms import EITPhantoms
+from deepunroll.nets.build import build_model
+from deepunroll.operators.base import ForwardOperator
+from deepunroll.operators.eit import EIT
+from deepunroll.operators.eit.mesh import build_disk_mesh
+from deepunroll.operators.eit.protocol import build_protocol
+
+
+class PyEITPerSample(ForwardOperator):
+    """The authors' data-fit path: pyEIT on NumPy, one sample at a time, a full Jacobian per call."""
+
+    def __init__(self, h0: float) -> None:
+        super().__init__()
+        self.fwd = EITForward(build_disk_mesh(16, h0), build_protocol(16, 1, 1, "std"))
+        n_elems = self.fwd.mesh.n_elems
+        self.in_shape, self.out_shape = (n_elems,), (self.fwd.solve_eit(np.ones(n_elems)).size,)
+
+    def _forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        rows = [self.fwd.solve_eit(s) for s in sigma.detach().cpu().double().numpy()]
+        return torch.as_tensor(np.stack(rows), dtype=sigma.dtype)
+
+    def misfit_grad(self, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        grads = []
+        for s, target in zip(sigma.detach().cpu().double().numpy(), y.detach().cpu().double().numpy()):
+            jac, v0 = self.fwd.compute_jac(s)
+            grads.append(-jac.T @ (v0 - target))  # pyEIT's jac is -dV/dsigma
+        return torch.as_tensor(np.stack(grads), dtype=sigma.dtype)
+
+
+NET = {"n_iter": 20, "grad_through_operator": False,
+       "step": {"_target_": "deepunroll.nets.lpgd.LPGDStep", "hidden": 32, "n_conv": 4, "share_weights": False}}
+ACCEL = {"_target_": "deepunroll.nets.accel.recurrent_momentum", "cell": "lstm", "hidden": 128, "layers": 1}
+
+
+def training_step(model, optimizer, y, x0, x) -> None:
+    optimizer.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(y, x0), x)
+    loss.backward()
+    optimizer.step()
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="bench.py train_step", description=__doc__.splitlines()[0])
+    parser.add_argument("--h0", type=float, default=0.1)
+    parser.add_argument("--n-iter", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epoch-samples", type=int, default=400, help="samples in the timed epoch (ours); 0 skips it")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ours = EIT(h0=args.h0, min_conductivity=0.01)
+    net_cfg = OmegaConf.create({**NET, "n_iter": args.n_iter})
+    gen = torch.Generator().manual_seed(0)
+    x = EITPhantoms(2).sample(ours, max(args.batch, args.epoch_samples), gen).float()
+    y = ours(x.double()).float()
+    x0 = torch.ones_like(x)
+    results = {}
+    for label, operator in (("ours (adjoint misfit_grad, batched)", ours),
+                            ("authors' way (pyEIT compute_jac per sample)", PyEITPerSample(args.h0))):
+        torch.manual_seed(0)
+        model = build_model(net_cfg, OmegaConf.create(ACCEL), operator)
+        model.step.float(), model.accelerator.float()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        batch = (y[: args.batch], x0[: args.batch], x[: args.batch])
+        results[label] = seconds(lambda: training_step(model, optimizer, *batch), args.repeats)
+    ours_s, theirs_s = results.values()
+    print(f"EIT h0={args.h0} ({ours.n_elems} elements, {ours.n_meas} measurements), LPGD-RMA, "
+          f"{args.n_iter} iterations, batch {args.batch}, torch threads {torch.get_num_threads()}")
+    for label, value in results.items():
+        print(f"  {label:<46} {value:8.3f} s per training step")
+    print(f"  ratio (authors' way / ours): {theirs_s / ours_s:.1f}x")
+    if args.epoch_samples:
+        torch.manual_seed(0)
+        model = build_model(net_cfg, OmegaConf.create(ACCEL), ours)
+        model.step.float(), model.accelerator.float()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        start = time.perf_counter()
+        for i in range(0, args.epoch_samples, args.batch):
+            sl = slice(i, i + args.batch)
+            training_step(model, optimizer, y[sl], x0[sl], x[sl])
+        epoch = time.perf_counter() - start
+        print(f"  one epoch, {args.epoch_samples} samples at batch {args.batch} (ours): {epoch:.1f} s; "
+              f"authors' way extrapolated: {epoch * theirs_s / ours_s / 60:.1f} min")

@@ -1,0 +1,44 @@
+"""Run an unrolled network on another representation of x (``net.domain=grid`` for EIT)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deepunroll.nets.unrolled import UnrolledNet
+from deepunroll.operators.base import ForwardOperator
+from deepunroll.operators.eit.grid import GridOperator
+
+
+class GridDomainNet(nn.Module):
+    """x = to_mesh(net(y, to_grid(x0))): the learned prior works on a pixel grid with 2D convolutions.
+
+    ``net`` is an UnrolledNet built on a :class:`GridOperator`; inputs and outputs stay on the mesh:
+    y (B, n_meas), x0 (B, n_elems) -> x (B, n_elems).
+    """
+
+    def __init__(self, net: UnrolledNet, initial_guess=None) -> None:
+        super().__init__()
+        if not isinstance(net.operator, GridOperator):
+            raise TypeError("GridDomainNet needs an UnrolledNet built on a GridOperator")
+        self.net, self.initial_guess = net, initial_guess
+
+    @property
+    def operator(self) -> ForwardOperator:
+        """The mesh operator (what the data were measured with)."""
+        return self.net.operator.mesh_operator
+
+    def forward(self, y: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        self.operator.check_input(x0, "x0")
+        grid = self.net.operator.grid
+        return grid.to_mesh(self.net(y, grid.to_grid(x0)))
+
+    @torch.no_grad()
+    def reconstruct(self, y: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`UnrolledNet.reconstruct`, on the mesh."""
+        param = next(self.parameters())
+        y = y.to(device=param.device, dtype=param.dtype)
+        if x0 is None:
+            x0 = self.initial_guess(self.operator, y)
+        grid = self.net.operator.grid
+        return grid.to_mesh(self.net.reconstruct(y, grid.to_grid(x0.to(device=param.device, dtype=param.dtype))))
