@@ -16,6 +16,7 @@ from deepunroll.pipeline import build_problem, load_model, train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 TOY = [e for e in EXPERIMENTS if e.startswith("toy_")]
+ALIASES = {"eit_rma": "eit_lpgd_rma"}  # short names users type
 
 
 def test_all_six_toy_variants_exist():
@@ -25,7 +26,7 @@ def test_all_six_toy_variants_exist():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_builds(experiment):
     cfg = compose_config([f"+experiment={experiment}"])
-    assert cfg.name == experiment
+    assert cfg.name == ALIASES.get(experiment, experiment)
     operator, _, model = build_problem(cfg)
     assert count_parameters(model) > 0
     y = torch.zeros(2, *operator.out_shape)
