@@ -73,7 +73,7 @@ def test_tiny_training_lowers_loss_and_evaluation_writes_csv_and_figure(tmp_path
     history = result["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
-    rows, written = evaluate_to_files(result["best"])
+    rows, written = evaluate_to_files([result["best"]])
     csv_path, png_path = written
     assert csv_path.name == "best_test_metrics.csv" and png_path.name == "best_test_reconstructions.png"
     table = list(csv.DictReader(open(csv_path)))

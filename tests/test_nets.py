@@ -86,3 +86,21 @@ def test_shared_weights_and_bad_sizes():
         build("lpgd", "none", op, n_iter=0)
     with pytest.raises(ValueError, match=r"accel.cell='rnn'"):
         RMA(x_shape=(4,), cell="rnn")
+
+
+def test_lpd_dual_blocks_learn_with_a_detached_operator():
+    """J(x)^T h is linear in h: with the physics detached, gradients still reach the dual blocks."""
+    torch.manual_seed(0)
+    op = NonlinearConv1d(a=1.0)
+    model = build("lpd", "none", op, n_iter=2).double()
+    x = torch.randn(3, 53, dtype=torch.float64)
+    model(op(x), torch.zeros(3, 53, dtype=torch.float64)).square().sum().backward()
+    assert model.step.dual_blocks[0][0].weight.grad.abs().sum() > 0
+
+
+def test_zero_init_returns_the_initial_guess():
+    op = NonlinearConv1d(a=1.0)
+    for net in ("lpgd", "lpd"):
+        model = build(net, "rma", op, n_iter=3, step={"zero_init": True}).double()
+        x0 = torch.randn(2, 53, dtype=torch.float64)
+        torch.testing.assert_close(model(op(x0 + 1), x0), x0, rtol=0, atol=0)

@@ -43,11 +43,11 @@ def test_train_evaluate_load(tiny_toy, tmp_path):
     assert record["config"]["net"]["n_iter"] == 3 and torch.__version__.startswith(record["versions"]["torch"])
 
     rows = evaluate_checkpoint(result["best"])
-    assert [r["method"] for r in rows] == ["x0", "toy_lpd_rma"] and rows[0]["n"] == 32
+    assert [r["method"] for r in rows] == ["x0 (zeros)", "toy_lpd_rma"] and rows[0]["n"] == 32
     assert rows[0]["rel_err_mean"] == pytest.approx(1.0)  # x0 = 0
     csv_path = tmp_path / "metrics.csv"
     write_csv(rows, csv_path)
-    assert next(csv.DictReader(open(csv_path)))["method"] == "x0"
+    assert next(csv.DictReader(open(csv_path)))["method"] == "x0 (zeros)"
 
     model = load_model(result["best"])
     y = torch.randn(3, *model.operator.out_shape, dtype=torch.float64)

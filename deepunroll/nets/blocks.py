@@ -7,11 +7,14 @@ from torch import nn
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 
 
-def conv_block(in_channels: int, out_channels: int, hidden: int = 32, n_conv: int = 4, dim: int = 1) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, hidden: int = 32, n_conv: int = 4, dim: int = 1,
+               zero_init: bool = False) -> nn.Sequential:
     """Conv(in->hidden) PReLU [Conv(hidden->hidden) PReLU]* Conv(hidden->out), kernel 3, padding 1, biases.
 
     ``n_conv`` counts convolutions (>= 2); every PReLU has one parameter (PyTorch default).
     ``dim`` is 1 (signals, element vectors: (B, C, n)) or 2 (images: (B, C, H, W)).
+    ``zero_init`` starts the last convolution at zero, so a residual update x + block(...) starts as
+    the identity and an untrained unrolled network returns its initial guess x0.
     """
     if dim not in _CONV:
         raise ValueError(f"conv_block: dim={dim} unsupported; expected 1 or 2")
@@ -24,6 +27,9 @@ def conv_block(in_channels: int, out_channels: int, hidden: int = 32, n_conv: in
         layers.append(conv(widths[i], widths[i + 1], kernel_size=3, padding=1))
         if i < n_conv - 1:
             layers.append(nn.PReLU())
+    if zero_init:
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
     return nn.Sequential(*layers)
 
 

@@ -10,10 +10,12 @@ from deepunroll.operators.base import ForwardOperator
 class DataTerm:
     """Operator calls for one batch of measurements y (B, *out_shape).
 
-    With ``through_operator=False`` (the authors' choice, the default) every
-    call runs without a graph on detached inputs: the network sees F(x) and
-    J^T v as data, and training never differentiates the physics. With
-    ``True`` the calls are differentiated (second order for ``misfit_grad``).
+    With ``through_operator=False`` (the authors' choice, the default) the iterate x
+    is detached in every call: F(x), J(x) and misfit_grad(x) are data and training
+    never differentiates the physics. ``vjp(x, v)`` stays differentiable in v (J(x)
+    is a constant matrix there), so LPD's dual variable, which reaches the primal
+    update only through J^T h, still learns. With ``True`` every call is
+    differentiated (second order for ``misfit_grad``).
     """
 
     def __init__(self, operator: ForwardOperator, y: torch.Tensor, through_operator: bool = False) -> None:
@@ -30,8 +32,10 @@ class DataTerm:
         return self._call(self.operator.forward, x)
 
     def vjp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """J(x)^T v: (B, *in_shape)."""
-        return self._call(self.operator.vjp, x, v)
+        """J(x)^T v: (B, *in_shape); differentiable in v even when x is detached."""
+        if self.through_operator:
+            return self.operator.vjp(x, v)
+        return self.operator.vjp(x.detach(), v)
 
     def misfit_grad(self, x: torch.Tensor) -> torch.Tensor:
         """J(x)^T (F(x) - y): (B, *in_shape)."""

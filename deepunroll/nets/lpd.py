@@ -17,6 +17,7 @@ class LPDStep(nn.Module):
     dual:   h <- h + Gamma_k([h, F(x[1]), y])          (3 convolutions, D+2 -> D)
     primal: x <- x + Lambda_k([x, v])                   (4 convolutions, P+1 -> P)
     where v is the (accelerated) direction d = J(x[0])^T h[0]. Output x[0].
+    ``zero_init``: the last convolution of every block starts at zero (the untrained net returns x0).
     """
 
     def __init__(
@@ -28,14 +29,15 @@ class LPDStep(nn.Module):
         dual_channels: int = 5,
         hidden: int = 32,
         share_weights: bool = False,
+        zero_init: bool = False,
     ) -> None:
         super().__init__()
         if primal_channels < 2:
             raise ValueError(f"net.step.primal_channels={primal_channels}; expected >= 2 (F is applied to x[1])")
         self.primal_channels, self.dual_channels = primal_channels, dual_channels
         self.y_shape = tuple(y_shape)
-        dual = functools.partial(conv_block, dual_channels + 2, dual_channels, hidden, 3, len(y_shape))
-        primal = functools.partial(conv_block, primal_channels + 1, primal_channels, hidden, 4, len(x_shape))
+        dual = functools.partial(conv_block, dual_channels + 2, dual_channels, hidden, 3, len(y_shape), zero_init)
+        primal = functools.partial(conv_block, primal_channels + 1, primal_channels, hidden, 4, len(x_shape), zero_init)
         self.dual_blocks = per_iteration(dual, n_iter, share_weights)
         self.primal_blocks = per_iteration(primal, n_iter, share_weights)
 

@@ -16,13 +16,15 @@ class LPGDStep(nn.Module):
 
     State: x (B, *x_shape). Lambda_k: Conv(2->hidden) PReLU ... Conv(hidden->1) with ``n_conv``
     convolutions over the spatial dims of x (1D for signals / element vectors, 2D for images).
+    ``zero_init``: the last convolution of every block starts at zero (the untrained net returns x0).
     """
 
     def __init__(
-        self, n_iter: int, x_shape: tuple[int, ...], hidden: int = 32, n_conv: int = 4, share_weights: bool = False
+        self, n_iter: int, x_shape: tuple[int, ...], hidden: int = 32, n_conv: int = 4, share_weights: bool = False,
+        zero_init: bool = False,
     ) -> None:
         super().__init__()
-        block = functools.partial(conv_block, 2, 1, hidden, n_conv, len(x_shape))
+        block = functools.partial(conv_block, 2, 1, hidden, n_conv, len(x_shape), zero_init)
         self.blocks = per_iteration(block, n_iter, share_weights)
 
     def init_state(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
