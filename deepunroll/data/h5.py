@@ -99,10 +99,16 @@ def _short(value) -> str:
 
 
 def check_metadata(path: str | Path, operator_meta: dict, data_meta: dict) -> None:
-    """Raise DatasetError naming the first field where the file disagrees with the expected metadata."""
+    """Raise DatasetError naming the first field where the file disagrees with the expected metadata.
+
+    Scalar parameters (a, h0, seed, ...) are compared before lists and arrays, so the message names
+    the setting a user changed rather than a shape derived from it.
+    """
     path = Path(path)
+    order = sorted(operator_meta, key=lambda k: (isinstance(operator_meta[k], (list, tuple, np.ndarray)),))
     with _open(path) as f:
-        for key, expected in operator_meta.items():
+        for key in order:
+            expected = operator_meta[key]
             if key in f["operator"]:
                 stored = f["operator"][key][()]
             elif key in f["operator"].attrs:
