@@ -125,3 +125,14 @@ def test_dataset_with_another_mesh_or_protocol_is_refused(tiny_eit):
     fewer = compose_config(["data=eit"] + tiny_eit + ["operator.electrodes=[0,2,4,6]", f"data.path={path}"])
     with pytest.raises(DatasetError, match=r"operator.n_meas is 40 in the file but 4 in the config"):
         ensure_dataset(fewer.data, instantiate(fewer.operator))
+
+
+def test_hydra_multirun_sweep(tmp_path):
+    """`-m` sweeps over the documented overrides run one job each."""
+    args = [sys.executable, "scripts/train.py", "-m", "+experiment=eit_rma", *TINY, f"data.root={tmp_path}/data",
+            "net.n_iter=1", "train.epochs=1", "evaluate=false", "data.n_train=8,16", "operator.meas_fraction=1.0,0.5",
+            f"hydra.sweep.dir={tmp_path}/sweep"]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "checkpoints" / "last.pt").exists())
+    assert len(runs) == 4, runs
