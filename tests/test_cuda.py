@@ -1,0 +1,34 @@
+"""GPU checks: skipped without CUDA; the rest of the suite never needs a GPU."""
+
+import pytest
+import torch
+
+from conftest import compose_config
+from deepunroll.operators.eit import EIT
+from deepunroll.operators.toy import NonlinearConv1d
+from deepunroll.pipeline import build_problem
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("make", [lambda: NonlinearConv1d(a=1.5), lambda: EIT(n_electrodes=16, h0=0.2)],
+                         ids=["toy", "eit"])
+def test_operator_on_cuda_matches_cpu(make):
+    op = make()
+    x = 1 + 0.1 * torch.rand(4, *op.in_shape, dtype=torch.float64)
+    v = torch.randn(4, *op.out_shape, dtype=torch.float64)
+    op_gpu = make().to("cuda")
+    y_gpu = op_gpu(x.cuda())
+    assert y_gpu.device.type == "cuda"
+    torch.testing.assert_close(y_gpu.cpu(), op(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op_gpu.vjp(x.cuda(), v.cuda()).cpu(), op.vjp(x, v), rtol=1e-9, atol=1e-12)
+
+
+def test_training_step_stays_on_the_gpu():
+    cfg = compose_config(["+experiment=eit_rma", "operator.h0=0.2", "net.n_iter=2", "train.device=cuda"])
+    operator, _, model = build_problem(cfg, device="cuda")
+    sigma = torch.ones(4, operator.n_elems, dtype=torch.float64, device="cuda")
+    y = operator(1.1 * sigma).float()
+    loss = (model(y, sigma.float()) - sigma.float()).square().mean()
+    loss.backward()
+    assert all(p.grad.device.type == "cuda" for p in model.parameters() if p.grad is not None)
