@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -23,3 +25,19 @@ def tiny_toy(tmp_path):
         "data.splits.train=96", "data.splits.val=32", "data.splits.test=32",
         "train.epochs=2", "train.batch_size=16", "train.device=cpu", "net.n_iter=3",
     ]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The suite's problems are small: one intra-op thread avoids oversubscribing 2 shared CI cores
+    (measured: dense EIT solves ran ~10x slower with 2 threads on a loaded 2-core machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def rel(a, b):
+    """Relative error ||a - b|| / ||b|| of array-likes."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))

@@ -10,23 +10,10 @@ from pyeit.eit.jac import JAC
 from pyeit.mesh import PyEITMesh
 
 from deepunroll.data.phantoms import EITPhantoms
+from conftest import rel
 from deepunroll.operators.eit import EIT, GaussNewton
 
 PUBLISHED_GN = dict(lamb_decay=0.1, lamb_min=1e-5, maxiter=8, gtol=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are small dense problems: one intra-op thread avoids oversubscribing shared CI cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def rel(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def phantoms(op, n, seed, n_inclusions=2):

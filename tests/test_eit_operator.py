@@ -10,22 +10,9 @@ import torch
 from pyeit.eit.fem import EITForward
 from pyeit.mesh import PyEITMesh
 
+from conftest import rel
 from deepunroll.operators.eit import EIT
 from deepunroll.operators.eit.mesh import build_disk_mesh
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are small dense problems: one intra-op thread avoids oversubscribing shared CI cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def rel(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def random_sigma(n_elems, batch=3, seed=0, low=0.2, high=3.0):

@@ -11,15 +11,6 @@ from deepunroll.data.phantoms import PUBLISHED, EITPhantoms
 from deepunroll.operators.eit import EIT, GaussNewton
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are small dense problems: one intra-op thread avoids oversubscribing shared CI cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def op():
     return EIT(h0=0.2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from deepunroll.nets.unrolled import UnrolledNet
 from deepunroll.operators.base import ForwardOperator
@@ -19,9 +19,18 @@ def _shape_kwargs(node: DictConfig, operator: ForwardOperator, n_iter: int) -> d
 
 
 def build_model(net_cfg: DictConfig, accel_cfg: DictConfig, operator: ForwardOperator, initial_guess=None) -> UnrolledNet:
-    """UnrolledNet(operator, step, accelerator, n_iter) as configured by ``net.*`` and ``accel.*``."""
+    """UnrolledNet(operator, step, accelerator, n_iter) as configured by ``net.*`` and ``accel.*``.
+
+    Optional keys: ``net.backprop`` (full | checkpoint | jfb | restarted_jfb | deq), ``net.fixed_point.*``
+    (their settings), ``net.spectral_norm`` (bound on every convolution kernel's norm; null: off).
+    """
     n_iter = net_cfg.n_iter
     step = instantiate(net_cfg.step, **_shape_kwargs(net_cfg.step, operator, n_iter))
+    if net_cfg.get("spectral_norm") is not None:
+        from deepunroll.nets.lipschitz import spectral_normalise
+
+        spectral_normalise(step, float(net_cfg.spectral_norm))
+    fixed_point = net_cfg.get("fixed_point")
     accelerator = instantiate(accel_cfg, **_shape_kwargs(accel_cfg, operator, n_iter))
     return UnrolledNet(
         operator,
@@ -30,4 +39,6 @@ def build_model(net_cfg: DictConfig, accel_cfg: DictConfig, operator: ForwardOpe
         n_iter,
         grad_through_operator=net_cfg.grad_through_operator,
         initial_guess=initial_guess,
+        backprop=net_cfg.get("backprop", "full"),
+        fixed_point=OmegaConf.to_container(fixed_point) if fixed_point is not None else None,
     )

@@ -9,6 +9,7 @@ from torch import nn
 
 from deepunroll.nets.data_term import DataTerm
 from deepunroll.operators.base import ForwardOperator
+from deepunroll.train.backprop import FIXED_POINT_MODES, FlatState, make_backprop
 
 
 class UnrolledNet(nn.Module):
@@ -17,6 +18,9 @@ class UnrolledNet(nn.Module):
     y: (B, *operator.out_shape), x0: (B, *operator.in_shape) -> x_K: (B, *operator.in_shape).
     ``grad_through_operator=False`` treats operator outputs as data (no graph through the physics).
     ``initial_guess(operator, y) -> x0`` is used by :meth:`reconstruct` when no x0 is given.
+    ``backprop``: a mode name (full, checkpoint, jfb, restarted_jfb, deq; settings ``fixed_point``)
+    or a strategy from :func:`deepunroll.train.backprop.make_backprop`. The fixed-point modes iterate
+    the weight-tied map T(z) = :meth:`iteration` on z = (step state, accelerator state).
     """
 
     def __init__(
@@ -27,6 +31,8 @@ class UnrolledNet(nn.Module):
         n_iter: int,
         grad_through_operator: bool = False,
         initial_guess: Callable[[ForwardOperator, torch.Tensor], torch.Tensor] | None = None,
+        backprop="full",
+        fixed_point: dict | None = None,
     ) -> None:
         super().__init__()
         if int(n_iter) != n_iter or n_iter <= 0:
@@ -34,19 +40,57 @@ class UnrolledNet(nn.Module):
         self.operator, self.step, self.accelerator = operator, step, accelerator
         self.n_iter, self.grad_through_operator = int(n_iter), bool(grad_through_operator)
         self.initial_guess = initial_guess
+        self.backprop = make_backprop(backprop, fixed_point) if isinstance(backprop, str) else backprop
+        if self.backprop.mode in FIXED_POINT_MODES and not self.weight_tied:
+            raise ValueError(
+                f"net.backprop={self.backprop.mode} needs a weight-tied map (one block at every iteration): set "
+                "net.step.share_weights=true, or choose a fixed-point model (net=lpgd_tied, lpd_tied, pnp, weighted_norm)"
+            )
 
-    def forward(self, y: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    @property
+    def weight_tied(self) -> bool:
+        """True when every iteration applies the same map (a step may say so with a ``weight_tied`` attribute)."""
+        tied = getattr(self.step, "weight_tied", None)
+        if tied is not None:
+            return bool(tied)
+        return all(len(m) == 1 for m in self.step.children() if isinstance(m, nn.ModuleList))
+
+    def initial_state(self, x0: torch.Tensor, y: torch.Tensor):
+        """z0 = (step state, zero accelerator state); the accelerator state is shaped like d_k, i.e. like x0."""
+        return self.step.init_state(x0, y), self.accelerator.init_state(torch.zeros_like(x0))
+
+    def iteration(self, k: int, z, data: DataTerm):
+        """One iteration on z = (step state, accelerator state): direction, acceleration, update."""
+        state, accel_state = z
+        state, direction = self.step.direction(k, state, data)
+        velocity, accel_state = self.accelerator(direction, accel_state)
+        return self.step.update(k, state, velocity), accel_state
+
+    def forward(self, y: torch.Tensor, x0: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``index`` (B,): dataset indices, used by ``restarted_jfb`` warm starts in training mode."""
         self.operator.check_input(y, "y", self.operator.out_shape)
         self.operator.check_input(x0, "x0")
         data = DataTerm(self.operator, y, self.grad_through_operator)
-        state, accel_state = self.step.init_state(x0, y), None
-        for k in range(self.n_iter):
-            state, direction = self.step.direction(k, state, data)
-            if accel_state is None:
-                accel_state = self.accelerator.init_state(direction)
-            velocity, accel_state = self.accelerator(direction, accel_state)
-            state = self.step.update(k, state, velocity)
+        state, _ = self.backprop(self, self.initial_state(x0, y), data, index)
         return self.step.output(state)
+
+    def diagnostics(self, y: torch.Tensor, x0: torch.Tensor, n_power: int = 5) -> dict[str, float]:
+        """For a weight-tied map: its Lipschitz estimate at the state reached from x0 (``lipschitz``) and the
+        step's learned scalars (``step.learned_scalars()``, e.g. step size); {} otherwise."""
+        if not self.weight_tied:
+            return {}
+        from deepunroll.nets.lipschitz import jacobian_norm
+
+        data = DataTerm(self.operator, y, self.grad_through_operator)
+        with torch.no_grad():
+            z = self.initial_state(x0, y)
+            for k in range(self.n_iter):
+                z = self.iteration(0, z, data)
+        flat = FlatState(z)
+        T = lambda u: flat.flatten(self.iteration(0, flat.unflatten(u), data))  # noqa: E731
+        out = {"lipschitz": jacobian_norm(T, flat.flatten(z), n_power)}
+        scalars = getattr(self.step, "learned_scalars", None)
+        return out | (scalars() if scalars else {})
 
     @torch.no_grad()
     def reconstruct(self, y: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,16 @@ class Trainer:
 
     def _loss(self, batch: dict) -> torch.Tensor:
         y, x0, x = (batch[k].to(self.device) for k in ("y", "x0", "x"))
-        return torch.nn.functional.mse_loss(self.model(y, x0), x)
+        takes_index = "index" in inspect.signature(self.model.forward).parameters
+        extra = {"index": batch.get("index")} if takes_index else {}  # restarted_jfb warm starts
+        return torch.nn.functional.mse_loss(self.model(y, x0, **extra), x)
+
+    def _diagnostics(self, dataset: Dataset) -> dict[str, float]:
+        """The model's per-epoch diagnostics (weight-tied maps: Lipschitz estimate, learned scalars) on one batch."""
+        if not hasattr(self.model, "diagnostics"):
+            return {}
+        batch = next(iter(self._loader(dataset, None)))
+        return self.model.diagnostics(batch["y"].to(self.device), batch["x0"].to(self.device))
 
     def _train_epoch(self, train_set: Dataset, writer: SummaryWriter) -> float:
         self.model.train()
@@ -150,7 +160,11 @@ class Trainer:
                 train_loss = self._train_epoch(train_set, writer)
                 val_loss = self.evaluate_loss(val_set)
                 self.epoch += 1
-                self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr})
+                diagnostics = self._diagnostics(val_set)
+                self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr}
+                                    | diagnostics)
+                for name, value in diagnostics.items():
+                    writer.add_scalar(f"diag/{name}", value, self.epoch)
                 writer.add_scalar("train/loss", train_loss, self.epoch)
                 writer.add_scalar("val/loss", val_loss, self.epoch)
                 writer.add_scalar("train/lr", lr, self.epoch)

@@ -1,0 +1,111 @@
+"""Fixed-point models build from config and run under every mode; Lipschitz estimate; spectral bound; config checks."""
+
+import pytest
+import torch
+
+from conftest import compose_config
+from deepunroll.config_checks import ConfigError, validate
+from deepunroll.nets.data_term import DataTerm
+from deepunroll.nets.lipschitz import jacobian_norm, spectral_normalise
+from deepunroll.pipeline import build_problem
+from deepunroll.train.backprop import FlatState
+
+MODELS = ["toy_pnp", "toy_weighted_norm", "toy_lpgd_tied", "toy_lpd_tied", "toy_lpgd_tied_rma", "toy_lpd_tied_rma"]
+
+
+def toy_batch(model, n=3):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 53, generator=gen, dtype=torch.float64) * 2 - 1
+    return x, model.operator(x), torch.zeros(n, 53, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("experiment", MODELS)
+@pytest.mark.parametrize("mode", ["jfb", "restarted_jfb", "deq"])  # full / checkpoint: tests/test_backprop.py
+def test_models_build_and_train_one_step(experiment, mode):
+    cfg = compose_config([f"+experiment={experiment}", f"net.backprop={mode}", "net.n_iter=3", "accel.hidden=8",
+                          "net.fixed_point.warm_start=true", "net.fixed_point.restarts=1", "net.fixed_point.backward_max_iter=5"]
+                         if experiment.endswith("rma") else
+                         [f"+experiment={experiment}", f"net.backprop={mode}", "net.n_iter=3",
+                          "net.fixed_point.warm_start=true", "net.fixed_point.restarts=1", "net.fixed_point.backward_max_iter=5"])
+    validate(cfg)
+    _, _, model = build_problem(cfg)
+    model.double()
+    assert model.weight_tied
+    x, y, x0 = toy_batch(model)
+    for _ in range(2):  # the second call warm-starts restarted_jfb from the cache
+        loss = (model(y, x0, index=torch.tensor([4, 0, 2])) - x).square().mean()
+        loss.backward()
+    # (LPD's dual block gets no gradient with grad_through_operator=false: J^T h enters as data)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+    diagnostics = model.diagnostics(y, x0)
+    assert diagnostics["lipschitz"] > 0
+
+
+def test_warm_start_rows_follow_their_index_with_rma_state():
+    """RMA's recurrent state is (layers, B, hidden): the cache must split it on dim 1, not 0."""
+    cfg = compose_config(["+experiment=toy_lpgd_tied_rma", "net.backprop=restarted_jfb", "net.n_iter=2",
+                          "accel.hidden=4", "accel.layers=2", "net.fixed_point.warm_start=true"])
+    _, _, model = build_problem(cfg)
+    model.double()
+    x, y, x0 = toy_batch(model, 2)
+    model(y, x0, index=torch.tensor([10, 11]))
+    assert [t.shape for t in model.backprop.cache[10][1:]] == [(2, 4), (2, 4)]
+    cache = {k: list(v) for k, v in model.backprop.cache.items()}
+    batch = model(y, x0, index=torch.tensor([10, 11]))  # both rows warm-started from the cache
+    model.backprop.cache = cache
+    single = model(y[1:], x0[1:], index=torch.tensor([11]))  # the same warm start for sample 11 alone
+    torch.testing.assert_close(batch[1:], single, rtol=0, atol=1e-12)
+
+
+def test_lipschitz_estimate_matches_the_exact_jacobian_norm():
+    cfg = compose_config(["+experiment=toy_pnp", "net.n_iter=4"])
+    _, _, model = build_problem(cfg)
+    model.double()
+    _, y, x0 = toy_batch(model, 2)
+    data = DataTerm(model.operator, y)
+    z = model.initial_state(x0 + 0.1, y)
+    flat = FlatState(z)
+    T = lambda u: flat.flatten(model.iteration(0, flat.unflatten(u), data))  # noqa: E731
+    u = flat.flatten(z)
+    exact = torch.linalg.matrix_norm(torch.autograd.functional.jacobian(T, u), 2)
+    estimates = [jacobian_norm(T, u, n_power=n) for n in (3, 60)]
+    assert all(e <= float(exact) * (1 + 1e-9) for e in estimates)  # power iteration approaches from below
+    assert estimates[1] == pytest.approx(float(exact), rel=1e-2) and estimates[1] >= estimates[0] - 1e-9
+
+
+def test_spectral_normalisation_bounds_every_kernel():
+    cfg = compose_config(["+experiment=toy_lpgd_tied", "net.spectral_norm=0.5"])
+    _, _, model = build_problem(cfg)
+    convs = [m for m in model.step.modules() if isinstance(m, torch.nn.Conv1d)]
+    assert len(convs) == 4
+    for conv in convs:
+        assert torch.linalg.matrix_norm(conv.weight.flatten(1), 2) <= 0.5 + 1e-6
+    with pytest.raises(ValueError, match="expected > 0"):
+        spectral_normalise(torch.nn.Conv1d(1, 1, 3), 0.0)
+
+
+def test_weighted_norm_fixed_point_minimises_the_regularised_objective():
+    """With a linear toy operator (a = 0) the fixed point is the minimiser of 1/2||Ax - y||^2 + R(x)."""
+    cfg = compose_config(["+experiment=toy_weighted_norm", "operator.a=0", "net.backprop=deq", "net.n_iter=2000",
+                          "net.fixed_point.tol=1e-12", "net.step.step_size=1.0"])
+    _, _, model = build_problem(cfg)
+    model.double()
+    x, y, x0 = toy_batch(model, 2)
+    with torch.no_grad():
+        x_star = model(y, x0)
+        objective_grad = model.operator.misfit_grad(x_star, y) + model.step.regulariser_grad(x_star)
+    assert objective_grad.norm() < 1e-8 * model.operator.misfit_grad(x0, y).norm()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("net.backprop=implicit", r"net.backprop='implicit': expected one of full, checkpoint, jfb, restarted_jfb, deq"),
+    ("net.fixed_point.m=0", r"net.fixed_point.m=0: expected a positive integer"),
+    ("net.fixed_point.tol=2.0", r"net.fixed_point.tol=2.0: expected a number in \[0, 1\)"),
+    ("net.fixed_point.solver=broyden", r"net.fixed_point.solver='broyden': expected one of fixed_point, anderson"),
+    ("net.spectral_norm=-1", r"net.spectral_norm=-1: expected null \(off\) or a number > 0"),
+    ("net.fixed_point.restarts=0", r"net.fixed_point.restarts=0: expected a positive integer"),
+])
+def test_bad_fixed_point_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config(["+experiment=toy_pnp", override]))
