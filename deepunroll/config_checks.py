@@ -46,6 +46,7 @@ RULES = {
     "train.dtype": one_of("float32", "float64"),
     "train.resume": BOOL,
     "train.on_nonfinite": one_of("stop", "skip"),
+    "train.amp": BOOL,
     "net.n_iter": POSITIVE_INT,
     "net.grad_through_operator": BOOL,
     "net.backprop": one_of("full", "checkpoint", "jfb", "restarted_jfb", "deq"),

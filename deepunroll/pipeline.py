@@ -23,7 +23,7 @@ from deepunroll.operators.base import ForwardOperator
 from deepunroll.operators.eit.grid import GridOperator
 from deepunroll.config_checks import validate
 from deepunroll.record import write_run_record
-from deepunroll.train import checkpoint
+from deepunroll.train import checkpoint, distributed
 from deepunroll.train.checkpoint import seed_everything
 from deepunroll.train.trainer import Trainer, TrainSettings, resolve_device
 
@@ -65,19 +65,27 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     The config is validated first; with ``train.resume=true`` the run continues from
     ``run_dir/checkpoints/last.pt``, and without it an existing checkpoint there is an error.
+    Under ``torchrun --nproc_per_node=N`` every process trains a DDP replica on 1/N of each batch;
+    rank 0 generates the dataset, logs and writes checkpoints, into rank 0's ``run_dir``.
     """
     validate(cfg)
     seed_everything(int(cfg.seed))
-    device = resolve_device(cfg.train.device)
+    device = distributed.init_from_env(resolve_device(cfg.train.device))
+    run_dir = Path(distributed.broadcast(str(run_dir)))
     operator, _, model = build_problem(cfg, device)
     settings = TrainSettings(**{k: cfg.train[k] for k in TrainSettings.__dataclass_fields__})
     trainer = Trainer(model, settings, run_dir, int(cfg.seed))
     trainer.check_run_dir()
+    if not distributed.is_main():
+        distributed.barrier()  # wait until rank 0 has the dataset on disk
     datasets = load_datasets(cfg, operator)
+    record = write_run_record(cfg, run_dir) if distributed.is_main() else {}
+    if distributed.is_main():
+        distributed.barrier()
     n_params = count_parameters(model)
-    print(f"{cfg.name}: {n_params:,} trainable parameters on {device}; "
-          f"{len(datasets['train'])} training / {len(datasets['val'])} validation samples")
-    record = write_run_record(cfg, run_dir)
+    if distributed.is_main():
+        print(f"{cfg.name}: {n_params:,} trainable parameters on {device} x {distributed.world_size()} process(es); "
+              f"{len(datasets['train'])} training / {len(datasets['val'])} validation samples")
     history = trainer.fit(datasets["train"], datasets["val"], record)
     return {"history": history, "best": trainer.best_path, "last": trainer.last_path, "n_params": n_params}
 

@@ -78,3 +78,17 @@ def test_scripts_run_as_documented(tmp_path):
     evaluated = run("scripts/evaluate.py", f"checkpoint={tmp_path}/run/checkpoints/best.pt")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "toy_lpgd_ma" in evaluated.stdout and Path(f"{tmp_path}/run/checkpoints/best_test_metrics.csv").exists()
+
+
+def test_amp_autocasts_the_network_but_not_the_physics(tiny_toy, tmp_path):
+    from deepunroll.nets.data_term import DataTerm
+    from deepunroll.operators.toy import NonlinearConv1d
+
+    op = NonlinearConv1d(a=1.5)
+    x, y = torch.randn(4, 53), torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = DataTerm(op, y).misfit_grad(x)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, op.misfit_grad(x, y), rtol=0, atol=0)
+    history = train(compose_config(["+experiment=toy_lpgd_rma", "train.amp=true"] + tiny_toy), tmp_path / "run")["history"]
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in history)

@@ -22,10 +22,11 @@ class DataTerm:
         self.operator, self.y, self.through_operator = operator, y, through_operator
 
     def _call(self, fn, *args: torch.Tensor) -> torch.Tensor:
-        if self.through_operator:
-            return fn(*args)
-        with torch.no_grad():
-            return fn(*(a.detach() for a in args))
+        with torch.autocast(args[0].device.type, enabled=False):  # the physics never runs in reduced precision
+            if self.through_operator:
+                return fn(*args)
+            with torch.no_grad():
+                return fn(*(a.detach() for a in args))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """F(x): (B, *in_shape) -> (B, *out_shape)."""
@@ -33,9 +34,8 @@ class DataTerm:
 
     def vjp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """J(x)^T v: (B, *in_shape); differentiable in v even when x is detached."""
-        if self.through_operator:
-            return self.operator.vjp(x, v)
-        return self.operator.vjp(x.detach(), v)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.operator.vjp(x if self.through_operator else x.detach(), v)
 
     def misfit_grad(self, x: torch.Tensor) -> torch.Tensor:
         """J(x)^T (F(x) - y): (B, *in_shape)."""

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from deepunroll.train import checkpoint
+from deepunroll.train import checkpoint, distributed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,6 +35,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     resume: bool = False
     on_nonfinite: str = "stop"  # stop | skip
+    amp: bool = False  # autocast the network (bfloat16 on CPU, float16 + grad scaling on CUDA); physics stays float64
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,6 +61,12 @@ class Trainer:
         self.last_path = self.run_dir / "checkpoints" / "last.pt"
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
         self.epoch, self.best_val, self.history, self.skipped_steps = 0, math.inf, [], 0
+        self.world, self.is_main = distributed.world_size(), distributed.is_main()
+        if settings.batch_size % self.world:
+            raise ValueError(f"train.batch_size={settings.batch_size} must be divisible by the {self.world} processes")
+        # the module that runs forward/backward: DDP averages gradients over processes
+        self.net = DistributedDataParallel(model, find_unused_parameters=True) if self.world > 1 else model
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp and self.device.type == "cuda")
 
     # -------------------------------------------------------------- state
     def _state(self) -> dict:
@@ -94,15 +102,24 @@ class Trainer:
 
     # ------------------------------------------------------------- epochs
     def _loader(self, dataset: Dataset, epoch: int | None) -> DataLoader:
-        """Shuffled by a generator seeded from (seed, epoch), so a resumed epoch sees the same order."""
-        generator = None if epoch is None else torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return DataLoader(dataset, batch_size=self.settings.batch_size, shuffle=epoch is not None, generator=generator)
+        """Training (epoch given): a permutation seeded by (seed, epoch), so a resumed epoch sees the same
+        order; with N processes each takes every N-th index, so global batch b holds the same samples
+        as a one-process run's batch b. Evaluation (epoch None): every process reads the whole set in order."""
+        if epoch is None:
+            return DataLoader(dataset, batch_size=self.settings.batch_size)
+        sampler = DistributedSampler(dataset, num_replicas=self.world, rank=distributed.rank(), shuffle=True,
+                                     seed=self.seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=self.settings.batch_size // self.world, sampler=sampler)
 
-    def _loss(self, batch: dict) -> torch.Tensor:
+    def _loss(self, batch: dict, module=None) -> torch.Tensor:
         y, x0, x = (batch[k].to(self.device) for k in ("y", "x0", "x"))
         takes_index = "index" in inspect.signature(self.model.forward).parameters
         extra = {"index": batch.get("index")} if takes_index else {}  # restarted_jfb warm starts
-        return torch.nn.functional.mse_loss(self.model(y, x0, **extra), x)
+        amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        with torch.autocast(self.device.type, dtype=amp_dtype, enabled=self.settings.amp):
+            x_hat = (module or self.model)(y, x0, **extra)
+        return torch.nn.functional.mse_loss(x_hat.to(x.dtype), x)
 
     def _diagnostics(self, dataset: Dataset) -> dict[str, float]:
         """The model's per-epoch diagnostics (weight-tied maps: Lipschitz estimate, learned scalars) on one batch."""
@@ -115,26 +132,31 @@ class Trainer:
         self.model.train()
         total, count = 0.0, 0
         bar = tqdm(self._loader(train_set, self.epoch), desc=f"epoch {self.epoch + 1}/{self.settings.epochs}",
-                   leave=False, dynamic_ncols=True, disable=None, mininterval=0.5)
+                   leave=False, dynamic_ncols=True, disable=None if self.is_main else True, mininterval=0.5)
         for step, batch in enumerate(bar):
-            loss = self._loss(batch)
-            if not torch.isfinite(loss):
+            loss = self._loss(batch, self.net)
+            finite_everywhere = distributed.sum_over_ranks(float(torch.isfinite(loss)))[0] == self.world
+            if not finite_everywhere:
                 if self.settings.on_nonfinite == "stop":
                     raise NonFiniteLossError(
                         f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, step {step + 1}; "
                         f"the last good checkpoint is {self.last_path}"
                     )
                 self.skipped_steps += 1
-                writer.add_scalar("train/skipped_steps", self.skipped_steps, self.epoch)
+                if writer is not None:
+                    writer.add_scalar("train/skipped_steps", self.skipped_steps, self.epoch)
                 continue
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             n = batch["x"].shape[0]
             total, count = total + loss.item() * n, count + n
             bar.set_postfix(loss=f"{total / count:.3e}")
         self.scheduler.step()
+        total, count = distributed.sum_over_ranks(total, count)
         return total / max(count, 1)
 
     @torch.no_grad()
@@ -152,8 +174,9 @@ class Trainer:
         self.record = record or {}
         if self.settings.resume:
             self._restore()
-            print(f"resuming {self.run_dir} from its checkpoint after epoch {self.epoch}")
-        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.epoch)
+            if self.is_main:
+                print(f"resuming {self.run_dir} from its checkpoint after epoch {self.epoch}")
+        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.epoch) if self.is_main else None
         try:
             while self.epoch < self.settings.epochs:
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -163,22 +186,22 @@ class Trainer:
                 diagnostics = self._diagnostics(val_set)
                 self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr}
                                     | diagnostics)
-                for name, value in diagnostics.items():
-                    writer.add_scalar(f"diag/{name}", value, self.epoch)
-                writer.add_scalar("train/loss", train_loss, self.epoch)
-                writer.add_scalar("val/loss", val_loss, self.epoch)
-                writer.add_scalar("train/lr", lr, self.epoch)
                 improved = val_loss < self.best_val
                 if improved:
                     self.best_val = val_loss
-                state = self._state()
-                checkpoint.save_atomic(state, self.last_path)
-                if improved:
-                    checkpoint.save_atomic(state, self.best_path)
-                tqdm.write(
-                    f"epoch {self.epoch:>3}/{self.settings.epochs}  train {train_loss:.4e}  val {val_loss:.4e}"
-                    + ("  *best" if improved else "")
-                )
+                if self.is_main:  # one process logs and writes checkpoints
+                    scalars = {"train/loss": train_loss, "val/loss": val_loss, "train/lr": lr}
+                    for name, value in (scalars | {f"diag/{k}": v for k, v in diagnostics.items()}).items():
+                        writer.add_scalar(name, value, self.epoch)
+                    state = self._state()
+                    checkpoint.save_atomic(state, self.last_path)
+                    if improved:
+                        checkpoint.save_atomic(state, self.best_path)
+                    tqdm.write(
+                        f"epoch {self.epoch:>3}/{self.settings.epochs}  train {train_loss:.4e}  val {val_loss:.4e}"
+                        + ("  *best" if improved else "")
+                    )
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
         return self.history
