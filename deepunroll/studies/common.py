@@ -1,0 +1,146 @@
+"""Sweep machinery shared by the studies: run one config unless done, collect rows, paired statistics, tables.
+
+A run lives in its own folder; it is *done* when ``result.json`` is there, so a sweep resumes by
+skipping done runs (and continues an interrupted training from ``checkpoints/last.pt``). A run being
+trained by another process holds ``claim.pid``, so the same command started twice splits the work.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+RESULT = "result.json"
+
+
+def compose_config(overrides: list[str]):
+    """A config composed from configs/ as scripts/train.py sees it (without the hydra node)."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def slug(text: str) -> str:
+    """A folder-safe name: 'LPGD-RMA (2D grid)' -> 'lpgd-rma_2d_grid'."""
+    keep = "".join(c.lower() if c.isalnum() or c in "-.=" else "_" for c in str(text))
+    return "_".join(part for part in keep.split("_") if part)
+
+
+def _claim(run_dir: Path) -> bool:
+    """Take run_dir for this process; False if a live process holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / "claim.pid"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(lock.read_text() or 0)
+            os.kill(pid, 0)
+            if pid != os.getpid():
+                return False
+        except (ValueError, ProcessLookupError, PermissionError, FileNotFoundError):
+            pass  # a stale claim of a process that is gone: take it over
+        lock.write_text(str(os.getpid()))
+        return True
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def run_one(overrides: list[str], run_dir: Path, info: dict) -> dict | None:
+    """Train + evaluate one config into run_dir and write result.json; the stored result if already done.
+
+    Returns None when another live process is training this run. ``info`` (sweep, network, axis
+    values) is stored with the result.
+    """
+    from deepunroll.evaluation import evaluate
+    from deepunroll.pipeline import train
+    from deepunroll.record import git_commit, config_dict
+
+    done = run_dir / RESULT
+    if done.exists():
+        return json.loads(done.read_text())
+    if not _claim(run_dir):
+        return None
+    try:
+        resume = (run_dir / "checkpoints" / "last.pt").exists()
+        cfg = compose_config(overrides + [f"train.resume={str(resume).lower()}"])
+        start = time.perf_counter()
+        trained = train(cfg, run_dir)
+        seconds = time.perf_counter() - start
+        rows = evaluate([trained["best"]], device="cpu")[0]
+        result = dict(info, overrides=overrides, baseline=rows[0], scores=rows[1], n_params=trained["n_params"],
+                      epochs=len(trained["history"]), train_seconds=seconds, resumed=resume,
+                      git_commit=git_commit(), config=config_dict(cfg))
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.replace(done)
+        return result
+    finally:
+        (run_dir / "claim.pid").unlink(missing_ok=True)
+
+
+def metric_names(row: dict) -> list[str]:
+    return [k[: -len("_mean")] for k in row if k.endswith("_mean")]
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """CSV with the union of the rows' keys as columns (first-seen order)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def paired(gains: list[float]) -> dict:
+    """Paired comparison of per-seed gains (positive: the first method is better).
+
+    {n, mean, std, favour: how many gains are > 0, t: mean / (std / sqrt(n)) (nan for n < 2 or std 0)}.
+    """
+    mean, std = mean_std(gains)
+    n = len(gains)
+    t = mean / (std / math.sqrt(n)) if n > 1 and std > 0 else float("nan")
+    return {"n": n, "mean": mean, "std": std, "favour": sum(g > 0 for g in gains), "t": t}
+
+
+def format_value(value: float) -> str:
+    if value == 0 or 1e-3 <= abs(value) < 1e4:
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    return f"{value:.3e}"
+
+
+def markdown_table(header: list[str], body: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def seed_table(rows: list[dict], setting_keys: list[str], metrics: list[str]) -> str:
+    """Markdown: one line per (setting, method) with each metric's test-set mean, as mean +- std over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in setting_keys) + (row["network"],), []).append(row)
+    body = []
+    for key, members in groups.items():
+        cells = []
+        for metric in metrics:
+            values = [float(r[f"{metric}_mean"]) for r in members if r.get(f"{metric}_mean", "") != ""]
+            mean, std = mean_std(values) if values else (float("nan"), float("nan"))
+            cells.append(f"{format_value(mean)} +- {format_value(std)}")
+        body.append(list(key) + [len(members)] + cells)
+    return markdown_table(setting_keys + ["network", "seeds"] + metrics, body)

@@ -1,0 +1,49 @@
+"""Regenerate the published-claims tables and figures: one command, resumable.
+
+    python scripts/reproduce.py                       # study=rma profile=quick (< 30 min on 2 CPU cores)
+    python scripts/reproduce.py profile=paper         # published sizes (README: expected time)
+    python scripts/reproduce.py study=equilibrium     # another study: deepunroll/studies/<study>.py
+
+Writes results/*.csv, results/*.md and figures/*.png under out_dir (default: the repository root);
+each run trains into runs_dir and is skipped when rerun. Starting the same command twice at once
+splits the runs between the two processes; `workers=2` does that for you (study=rma).
+"""
+
+import importlib
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@hydra.main(config_path="../configs", config_name="reproduce", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    torch.set_num_threads(int(cfg.threads))
+    study = importlib.import_module(f"deepunroll.studies.{cfg.study}")
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else REPO
+    kwargs = {}
+    if cfg.runs_dir and "runs_dir" in inspect.signature(study.run).parameters:
+        kwargs["runs_dir"] = Path(cfg.runs_dir)
+    if cfg.report_only:
+        kwargs["report_only"] = True
+    GlobalHydra.instance().clear()  # the studies compose one config per run themselves
+    # workers=N: N-1 more copies of this command share the runs (each run is claimed by one process)
+    argv = [a for a in sys.argv if not a.startswith("workers=")] + ["workers=1"]
+    helpers = [subprocess.Popen([sys.executable, *argv]) for _ in range(int(cfg.workers) - 1)]
+    study.run(cfg.profile, out_dir, **kwargs)
+    if helpers:
+        failed = [p.args for p in helpers if p.wait() != 0]
+        if failed:
+            raise RuntimeError(f"a worker failed: {failed[0]}")
+        study.run(cfg.profile, out_dir, **kwargs)  # all runs finished now: complete tables and figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""scripts/reproduce.py machinery on profile=tiny (2 toy configs x 1 seed): CSV, tables, figure, resume."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from deepunroll.studies import common, rma
+
+NETWORKS = ["LPGD", "LPGD-RMA"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    return out, rma.run("tiny", out)
+
+
+def test_csv_has_one_row_per_run_with_commit_and_config(tiny_run):
+    out, tables = tiny_run
+    with open(out / "results" / "toy_sweep.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["network"] for r in rows] == NETWORKS
+    assert {"sweep", "a", "seed", "n_test", "mse_mean", "mse_std", "psnr_mean", "rel_err_mean", "n_params",
+            "git_commit", "config"} <= set(rows[0])
+    for row in rows:
+        config = json.loads(row["config"])
+        assert config["operator"]["a"] == 1.0 and config["seed"] == 0 and config["train"]["epochs"] == 2
+        assert row["git_commit"] and float(row["mse_mean"]) > 0
+    assert json.loads(rows[1]["config"])["accel"]["_target_"].endswith("recurrent_momentum")
+    assert len(tables["toy_sweep"]) == 2
+
+
+def test_markdown_tables_and_figure(tiny_run):
+    out, _ = tiny_run
+    table = (out / "results" / "toy_sweep.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| a |"))
+    assert header.split("|")[1:-1] == [" a ", " network ", " seeds ", " mse ", " rel_err ", " psnr "]
+    body = [line for line in table if line.startswith("| 1.0 |")]
+    assert [line.split("|")[2].strip() for line in body] == NETWORKS and all(" +- " in line for line in body)
+    claims = (out / "results" / "claims.md").read_text()
+    assert "| LPGD-RMA vs LPGD | 1.0 |" in claims and ("0/1" in claims or "1/1" in claims)
+    assert (out / "figures" / "toy_rma_gain_vs_a.png").stat().st_size > 0
+
+
+def test_second_call_skips_finished_runs_and_script_entry_point(tiny_run, monkeypatch):
+    out, _ = tiny_run
+    results = sorted((out / "runs" / "reproduce" / "tiny").rglob(common.RESULT))
+    assert len(results) == 2
+    stamps = [p.stat().st_mtime_ns for p in results]
+    done = subprocess.run([sys.executable, "scripts/reproduce.py", "profile=tiny", f"out_dir={out}", "workers=2"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "trainable parameters" not in done.stdout and "all runs finished" in done.stdout
+    assert [p.stat().st_mtime_ns for p in results] == stamps
+    assert len(list(csv.DictReader(open(out / "results" / "toy_sweep.csv")))) == 2
+
+
+def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
+    """A run without result.json but with checkpoints/last.pt continues with train.resume=true."""
+    overrides, run_dir, info = rma.plan("toy", rma.load_profile("tiny")["sweeps"]["toy"], tmp_path,
+                                        tmp_path / "runs")[0]
+    first = common.run_one(overrides, run_dir, info)
+    (run_dir / common.RESULT).unlink()
+    again = common.run_one(overrides, run_dir, info)
+    assert again["resumed"] and again["epochs"] == first["epochs"]
+    assert again["scores"]["mse_mean"] == pytest.approx(first["scores"]["mse_mean"])
+
+
+def test_paired_statistics():
+    stats = common.paired([1.0, 2.0, 3.0])
+    assert stats["n"] == 3 and stats["mean"] == 2.0 and stats["std"] == 1.0 and stats["favour"] == 3
+    assert stats["t"] == pytest.approx(2.0 * 3 ** 0.5)
+
+
+def test_unknown_profile_is_named():
+    with pytest.raises(ValueError, match="profile='huge'"):
+        rma.load_profile("huge")
