@@ -202,3 +202,13 @@ def test_trainer_passes_index_and_logs_lipschitz(tiny_toy, tmp_path):
     assert all(h["lipschitz"] > 0 for h in result["history"])
     model = load_model(result["last"])
     assert model.backprop.mode == "restarted_jfb"
+
+
+def test_anderson_survives_a_degenerate_history():
+    """Exactly converged residuals (all zero) made the mixing system singular; float32 as in training."""
+    from deepunroll.train.backprop import anderson
+
+    u, _, residual = anderson(lambda u: torch.ones(3), torch.zeros(3), max_iter=10, tol=0.0, memory=2)
+    assert torch.equal(u, torch.ones(3)) and residual == 0.0
+    u, _, _ = anderson(lambda u: 0.5 * u + 1, torch.zeros(4), max_iter=30, tol=0.0)
+    torch.testing.assert_close(u, torch.full((4,), 2.0))

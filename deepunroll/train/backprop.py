@@ -94,12 +94,17 @@ def anderson(f, u0: torch.Tensor, max_iter: int, tol: float, memory: int = 5, la
         return fs[0], 1, residual
     for i in range(1, max_iter):
         n = min(len(xs), memory)
-        G = torch.stack([fs[j] - xs[j] for j in range(-n, 0)])  # (n, N) residuals
+        G = torch.stack([fs[j] - xs[j] for j in range(-n, 0)]).double()  # (n, N) residuals
         H = G @ G.T
-        H = H + lam * H.diagonal().max().clamp_min(1e-300) * torch.eye(n, dtype=H.dtype, device=H.device)
-        alpha = torch.linalg.solve(H, torch.ones(n, dtype=H.dtype, device=H.device))
+        scale = H.diagonal().max()
+        if not scale > 0:  # every stored residual is exactly zero: converged
+            return fs[-1], i, 0.0
+        eye = torch.eye(n, dtype=H.dtype, device=H.device)
+        alpha, info = torch.linalg.solve_ex(H + lam * scale * eye, torch.ones(n, dtype=H.dtype, device=H.device))
         alpha = alpha / alpha.sum()
-        u = alpha @ torch.stack(fs[-n:])
+        if int(info) != 0 or not bool(torch.isfinite(alpha).all()):  # degenerate history: plain step
+            alpha = eye[-1]
+        u = alpha.to(fs[-1].dtype) @ torch.stack(fs[-n:])
         fu = f(u)
         residual = _relative_residual(fu, u)
         xs, fs = (xs + [u])[-memory:], (fs + [fu])[-memory:]
