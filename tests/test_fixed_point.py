@@ -109,3 +109,31 @@ def test_weighted_norm_fixed_point_minimises_the_regularised_objective():
 def test_bad_fixed_point_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_config(["+experiment=toy_pnp", override]))
+
+
+@pytest.mark.parametrize("x_shape", [(12,), (6, 7)])
+def test_weighted_norm_gradient_is_exact_in_1d_and_2d(x_shape):
+    """regulariser_grad = grad of lambda/2 sum_c w_c ||L_c x||^2, checked by autograd (signals and images)."""
+    import torch.nn.functional as F
+
+    from deepunroll.nets.fixed_point import WeightedNormStep
+
+    step = WeightedNormStep(x_shape=x_shape, n_filters=3).double()
+    x = torch.randn(2, *x_shape, dtype=torch.float64, requires_grad=True)
+    conv = F.conv1d if len(x_shape) == 1 else F.conv2d
+    analysis = conv(x.unsqueeze(1), step.filters, padding=1)
+    weights = F.softplus(step.weight_raw).reshape(1, -1, *[1] * len(x_shape))
+    energy = 0.5 * step.reg_level * (weights * analysis.square()).sum()
+    (expected,) = torch.autograd.grad(energy, x)
+    torch.testing.assert_close(step.regulariser_grad(x.detach()), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("net", ["lpgd_tied", "lpd_tied", "pnp", "weighted_norm"])
+@pytest.mark.parametrize("problem", [["+experiment=eit_rma", "operator.h0=0.3", "operator.n_electrodes=8"],
+                                     ["+experiment=blur2d_lpgd", "operator.image_size=8"]], ids=["eit", "blur2d"])
+def test_fixed_point_models_build_on_eit_and_blur(problem, net):
+    operator, _, model = build_problem(compose_config(problem + [f"net={net}", "net.n_iter=2", "net.backprop=jfb"]))
+    x0 = torch.ones(2, *operator.in_shape)
+    out = model(operator(x0.double()).float(), x0)
+    out.sum().backward()
+    assert out.shape == x0.shape and any(p.grad is not None for p in model.parameters())

@@ -98,10 +98,11 @@ class WeightedNormStep(_BoundedStep):
         if reg_level <= 0 or n_filters <= 0:
             raise ValueError(f"net.step.reg_level={reg_level}, n_filters={n_filters}; expected > 0")
         self.dim = len(x_shape)
-        if self.dim != 1:
-            raise ValueError(f"WeightedNormStep: x_shape={x_shape}; only 1D signals / element vectors are supported")
-        kernels = 0.1 * torch.randn(n_filters, 1, 3, generator=torch.Generator().manual_seed(0))
-        kernels[0, 0] = torch.tensor([-1.0, 1.0, 0.0])  # a finite difference to start from
+        if self.dim not in (1, 2):
+            raise ValueError(f"WeightedNormStep: x_shape={x_shape}; expected 1D signals / element vectors or 2D images")
+        kernels = 0.1 * torch.randn(n_filters, 1, *[3] * self.dim, generator=torch.Generator().manual_seed(0))
+        difference = torch.tensor([-1.0, 1.0, 0.0])  # a finite difference (along the last axis) to start from
+        kernels[0, 0] = difference if self.dim == 1 else F.pad(difference[None], (0, 0, 1, 1))
         self.filters = nn.Parameter(kernels)
         self.weight_raw = nn.Parameter(torch.zeros(n_filters))
         self.lambda_raw = nn.Parameter(torch.tensor(_softplus_inverse(reg_level)))
@@ -111,11 +112,12 @@ class WeightedNormStep(_BoundedStep):
         return F.softplus(self.lambda_raw)
 
     def regulariser_grad(self, x: torch.Tensor) -> torch.Tensor:
-        """lambda L^T diag(w) L x: (B, n)."""
+        """lambda L^T diag(w) L x: (B, *x_shape)."""
+        conv, conv_t = (F.conv1d, F.conv_transpose1d) if self.dim == 1 else (F.conv2d, F.conv_transpose2d)
         filters = self.filters.to(x.dtype)
-        analysis = F.conv1d(x.unsqueeze(1), filters, padding=1)
-        weighted = F.softplus(self.weight_raw).to(x.dtype)[None, :, None] * analysis
-        return self.reg_level.to(x.dtype) * F.conv_transpose1d(weighted, filters, padding=1)[:, 0]
+        analysis = conv(x.unsqueeze(1), filters, padding=1)
+        weights = F.softplus(self.weight_raw).to(x.dtype).reshape(1, -1, *[1] * self.dim)
+        return self.reg_level.to(x.dtype) * conv_t(weights * analysis, filters, padding=1)[:, 0]
 
     def update(self, k: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return x - self.step_size.to(x.dtype) * (v + self.regulariser_grad(x))
