@@ -136,3 +136,12 @@ def test_hydra_multirun_sweep(tmp_path):
     assert done.returncode == 0, done.stderr
     runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "checkpoints" / "last.pt").exists())
     assert len(runs) == 4, runs
+
+
+def test_training_step_benchmark_runs(capsys):
+    """`scripts/bench.py train_step` compares our data-fit path with pyEIT's per-sample one on one network."""
+    from deepunroll.bench.train_step import main
+
+    main(["--h0", "0.3", "--n-iter", "2", "--repeats", "1", "--epoch-samples", "4"])
+    out = capsys.readouterr().out
+    assert "ours on cpu" in out and "ratio (authors' way / ours):" in out and "one epoch, 4 samples" in out

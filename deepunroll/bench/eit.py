@@ -26,19 +26,34 @@ from deepunroll.data.phantoms import EITPhantoms
 from deepunroll.operators.eit import EIT
 
 
+def _sync() -> None:
+    """Wait for queued CUDA work, so wall times include it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call (CUDA work included)."""
     fn()
     times = []
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def bench_mesh(h0: float, batch: int, repeats: int, pyeit_samples: int) -> dict:
-    """Per-sample seconds of every measured path on one mesh, plus a gradient agreement check."""
+def device_name(device: torch.device) -> str:
+    """'cpu' or the CUDA card's name, written with every result."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def bench_mesh(h0: float, batch: int, repeats: int, pyeit_samples: int, device: torch.device = torch.device("cpu")
+               ) -> dict:
+    """Per-sample seconds of every measured path on one mesh (ours on ``device``, pyEIT on the CPU),
+    plus a gradient agreement check."""
     mesh = pyeit.mesh.create(16, h0=h0)
     protocol = pyeit.eit.protocol.create(16, 1, 1, "std")
     op = EIT.from_pyeit(mesh, protocol)
@@ -46,6 +61,7 @@ def bench_mesh(h0: float, batch: int, repeats: int, pyeit_samples: int) -> dict:
     sigma = EITPhantoms(3).sample(op, batch, generator)
     target = op(EITPhantoms(3).sample(op, batch, generator))
     sigma_np, target_np = sigma.numpy(), target.numpy()
+    op, sigma, target = op.to(device), sigma.to(device), target.to(device)
     fwd = EITForward(mesh, protocol)
     n_py = min(pyeit_samples, batch)
 
@@ -60,7 +76,7 @@ def bench_mesh(h0: float, batch: int, repeats: int, pyeit_samples: int) -> dict:
             out.append(-jac.T @ (v0 - target_np[b]))  # pyEIT's jac is -dV/dsigma
         return np.stack(out)
 
-    agreement = float(np.linalg.norm(op.misfit_grad(sigma[:n_py], target[:n_py]).numpy() - pyeit_gradient())
+    agreement = float(np.linalg.norm(op.misfit_grad(sigma[:n_py], target[:n_py]).cpu().numpy() - pyeit_gradient())
                       / np.linalg.norm(pyeit_gradient()))
     with torch.no_grad():
         stiffness = op.stiffness(sigma)
@@ -73,13 +89,15 @@ def bench_mesh(h0: float, batch: int, repeats: int, pyeit_samples: int) -> dict:
             "ours_gradient_bN": seconds(lambda: op.misfit_grad(sigma, target), repeats) / batch,
             "cholesky_bN": seconds(lambda: torch.linalg.cholesky(stiffness), repeats) / batch,
         }
-    return {"h0": h0, "nodes": op.n_nodes, "elems": op.n_elems, "meas": op.n_meas, "times": rows, "agreement": agreement}
+    return {"h0": h0, "nodes": op.n_nodes, "elems": op.n_elems, "meas": op.n_meas, "times": rows, "agreement": agreement,
+            "device": device_name(device)}
 
 
 def format_table(result: dict, batch: int) -> str:
     t = result["times"]
     lines = [
-        f"mesh h0={result['h0']}: {result['nodes']} nodes, {result['elems']} elements, {result['meas']} measurements",
+        f"mesh h0={result['h0']}: {result['nodes']} nodes, {result['elems']} elements, {result['meas']} measurements; "
+        f"ours on {result['device']}, pyEIT on the CPU",
         f"{'path':<44}{'per sample':>12}{'pyEIT / ours':>14}{'ours / floor':>14}",
     ]
 
@@ -105,15 +123,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch", type=int, default=32, help="batch size of the batched runs")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per path (median reported)")
     parser.add_argument("--pyeit-samples", type=int, default=3, help="samples per pyEIT timing (it loops over them)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where ours runs (pyEIT: CPU)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads; 0 keeps torch's default. Default 1: pyEIT's per-sample path "
                              "is single-threaded Python, and one thread avoids OpenMP oversubscription on shared cores")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    device = torch.device(args.device)
     print(f"EIT benchmark: 16 electrodes, adjacent/std protocol, float64, pyEIT {version('pyeit')}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), 3-inclusion phantoms")
     print(f"per-sample wall time, median of {args.repeats} repeats; ratios > 1 mean ours is faster\n")
     for h0 in args.h0:
-        print(format_table(bench_mesh(h0, args.batch, args.repeats, args.pyeit_samples), args.batch))
+        print(format_table(bench_mesh(h0, args.batch, args.repeats, args.pyeit_samples, device), args.batch))
         print()

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from pyeit.eit.fem import EITForward
 
-from deepunroll.bench.eit import seconds
+from deepunroll.bench.eit import _sync, device_name, seconds
 from deepunroll.data.phantoms import EITPhantoms
 from deepunroll.nets.build import build_model
 from deepunroll.operators.base import ForwardOperator
@@ -67,9 +67,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epoch-samples", type=int, default=400, help="samples in the timed epoch (ours); 0 skips it")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where ours runs (pyEIT: CPU)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    device = torch.device(args.device)
     ours = EIT(h0=args.h0, min_conductivity=0.01)
     net_cfg = OmegaConf.create({**NET, "n_iter": args.n_iter})
     gen = torch.Generator().manual_seed(0)
@@ -77,29 +81,32 @@ def main(argv: list[str]) -> None:
     y = ours(x.double()).float()
     x0 = torch.ones_like(x)
     results = {}
-    for label, operator in (("ours (adjoint misfit_grad, batched)", ours),
-                            ("authors' way (pyEIT compute_jac per sample)", PyEITPerSample(args.h0))):
+    for label, operator, where in (("ours (adjoint misfit_grad, batched)", ours, device),
+                                   ("authors' way (pyEIT compute_jac per sample)", PyEITPerSample(args.h0), "cpu")):
         torch.manual_seed(0)
-        model = build_model(net_cfg, OmegaConf.create(ACCEL), operator)
+        model = build_model(net_cfg, OmegaConf.create(ACCEL), operator).to(where)
         model.step.float(), model.accelerator.float()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        batch = (y[: args.batch], x0[: args.batch], x[: args.batch])
+        batch = tuple(t[: args.batch].to(where) for t in (y, x0, x))
         results[label] = seconds(lambda: training_step(model, optimizer, *batch), args.repeats)
     ours_s, theirs_s = results.values()
     print(f"EIT h0={args.h0} ({ours.n_elems} elements, {ours.n_meas} measurements), LPGD-RMA, "
-          f"{args.n_iter} iterations, batch {args.batch}, torch threads {torch.get_num_threads()}")
+          f"{args.n_iter} iterations, batch {args.batch}, torch threads {torch.get_num_threads()}, "
+          f"ours on {device_name(device)}")
     for label, value in results.items():
         print(f"  {label:<46} {value:8.3f} s per training step")
     print(f"  ratio (authors' way / ours): {theirs_s / ours_s:.1f}x")
     if args.epoch_samples:
         torch.manual_seed(0)
-        model = build_model(net_cfg, OmegaConf.create(ACCEL), ours)
+        model = build_model(net_cfg, OmegaConf.create(ACCEL), ours).to(device)
         model.step.float(), model.accelerator.float()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        y, x0, x = y.to(device), x0.to(device), x.to(device)
         start = time.perf_counter()
         for i in range(0, args.epoch_samples, args.batch):
             sl = slice(i, i + args.batch)
             training_step(model, optimizer, y[sl], x0[sl], x[sl])
+        _sync()
         epoch = time.perf_counter() - start
         print(f"  one epoch, {args.epoch_samples} samples at batch {args.batch} (ours): {epoch:.1f} s; "
               f"authors' way extrapolated: {epoch * theirs_s / ours_s / 60:.1f} min")
