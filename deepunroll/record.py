@@ -14,12 +14,14 @@ PACKAGES = ("deepunroll", "torch", "numpy", "scipy", "pyeit", "scikit-image", "h
 
 
 def git_commit(cwd: Path | None = None) -> str:
-    """HEAD commit of the source tree (with '-dirty' when it has uncommitted changes), or 'unknown'."""
+    """HEAD commit of the source tree, or 'unknown'; '-dirty' when tracked files other than the committed
+    outputs (results/, figures/, which sweeps rewrite while they run) have uncommitted changes."""
     cwd = cwd or Path(__file__).resolve().parent
+    outputs = [":(top,exclude)results", ":(top,exclude)figures"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", *outputs],
+                               cwd=cwd, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

@@ -142,3 +142,22 @@ def test_same_seed_same_numbers(tiny_toy, tmp_path):
     assert first == second
     other_seed = train(compose_config(["+experiment=toy_lpgd_rma", "seed=1"] + tiny_toy), tmp_path / "c")["history"]
     assert other_seed != first
+
+
+def test_git_commit_ignores_rewritten_outputs(tmp_path):
+    """Sweeps rewrite results/ and figures/ while running: that must not mark their records dirty."""
+    from deepunroll.record import git_commit
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "t.md").write_text("a")
+    (tmp_path / "code.py").write_text("a")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = git_commit(tmp_path)
+    assert len(clean) == 40
+    (tmp_path / "results" / "t.md").write_text("b")
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("b")
+    assert git_commit(tmp_path) == clean + "-dirty"
