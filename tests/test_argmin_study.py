@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deepunroll.studies import argmin as study
+from deepunroll.studies.argmin_eit import EIT_COLUMNS, EIT_METHODS, element_neighbours
 
 
 def _csv(path):
@@ -26,8 +27,8 @@ def test_tiny_profile_writes_tables_and_figure(tmp_path):
     assert saved["implicit"] == saved["lagrangian"] < saved["unroll"]  # no graph through the solver
 
     eit = _csv(tmp_path / "results" / "argmin_eit.csv")
-    assert list(eit[0]) == study.EIT_COLUMNS
-    assert [r["method"] for r in eit] == list(study.EIT_METHODS)
+    assert list(eit[0]) == EIT_COLUMNS
+    assert [r["method"] for r in eit] == list(EIT_METHODS)
     for row in eit:
         assert 0 <= float(row["rel_err"]) < 1 and 0 <= float(row["label_acc"]) <= 1
     labelled = [r for r in eit if r["method"] not in ("gauss_newton", "lpgd_rma")]
@@ -43,7 +44,7 @@ def test_tiny_profile_writes_tables_and_figure(tmp_path):
 
 def test_element_neighbours_share_an_edge():
     elements = torch.tensor([[0, 1, 2], [1, 2, 3], [3, 4, 5], [2, 3, 6]])
-    pairs = {tuple(sorted(p)) for p in study.element_neighbours(elements).tolist()}
+    pairs = {tuple(sorted(p)) for p in element_neighbours(elements).tolist()}
     assert pairs == {(0, 1), (1, 3)}
 
 

@@ -107,6 +107,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def format_mean_std(values: list[float], digits: int) -> str:
+    """'mean ± std' (sample std) of the finite values, the mean alone for one value, 'n/a' for none."""
+    values = [float(v) for v in values if math.isfinite(float(v))]
+    if not values:
+        return "n/a"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
 def paired(gains: list[float]) -> dict:
     """Paired comparison of per-seed gains (positive: the first method is better).
 

@@ -1,0 +1,148 @@
+"""Issue 9 experiment (b): LPGD-RMA followed by a labelling layer on EIT, trained end to end with the
+``lagrangian`` or ``straight_through`` backward, against post-hoc labelling (see deepunroll/studies/argmin.py)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deepunroll import metrics
+from deepunroll.nets.argmin import ICM, ArgminLayer
+from deepunroll.nets.energies import LabelEnergy
+from deepunroll.studies.common import format_mean_std
+from deepunroll.train.checkpoint import seed_everything
+
+EIT_METHODS = ("gauss_newton", "lpgd_rma", "post_hoc_nearest", "post_hoc_icm", "lagrangian", "straight_through")
+EIT_COLUMNS = ["method", "seed", "rel_err", "label_acc", "test_psnr", "finetune_seconds"]
+EIT = {"labels": [0.5, 1.0, 2.0], "mu": 0.05, "tau": 0.5, "icm_sweeps": 5, "lr": 1e-3, "grad_clip": 1.0}
+
+
+def _sse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Sum of squared errors over the batch (a per-sample gradient independent of the batch size)."""
+    return (x_hat - x).pow(2).sum()
+
+
+def element_neighbours(elements: torch.Tensor) -> torch.Tensor:
+    """(n_edges, 2) pairs of triangles that share a mesh edge."""
+    owner: dict[tuple[int, int], int] = {}
+    pairs = []
+    for e, tri in enumerate(elements.tolist()):
+        for a, b in ((tri[0], tri[1]), (tri[1], tri[2]), (tri[0], tri[2])):
+            key = (min(a, b), max(a, b))
+            if key in owner:
+                pairs.append((owner[key], e))
+            else:
+                owner[key] = e
+    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+
+
+class Labelled(nn.Module):
+    """x = label(net(y, x0)): the LPGD-RMA output projected onto the known conductivities."""
+
+    def __init__(self, net: nn.Module, label: ArgminLayer):
+        super().__init__()
+        self.net, self.label = net, label
+
+    def forward(self, y, x0):
+        return self.label(self.net(y, x0))
+
+
+def nearest_label(x: torch.Tensor, labels: list[float]) -> torch.Tensor:
+    values = torch.as_tensor(labels, dtype=x.dtype)
+    return values[(x[..., None] - values).abs().argmin(-1)]
+
+
+def eit_scores(x_hat: torch.Tensor, x: torch.Tensor) -> dict:
+    x_hat, x = x_hat.double(), x.double()
+    rel = ((x_hat - x).norm(dim=1) / x.norm(dim=1)).mean()
+    acc = (nearest_label(x_hat, EIT["labels"]) == x).double().mean()
+    return {"rel_err": float(rel), "label_acc": float(acc), "test_psnr": float(metrics.psnr(x_hat, x).mean())}
+
+
+def _fit(model: nn.Module, train_set, epochs: int, batch: int, seed: int) -> float:
+    """Adam (lr EIT['lr'], betas as the Trainer), SSE loss summed over the batch, clip EIT['grad_clip']."""
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=EIT["lr"], betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        for index in torch.randperm(len(train_set), generator=gen).split(batch):
+            optimiser.zero_grad()
+            loss = _sse(model(train_set.y[index], train_set.x0[index]).to(train_set.x.dtype), train_set.x[index])
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), EIT["grad_clip"])
+            optimiser.step()
+    return time.perf_counter() - start
+
+
+def eit_seed(seed: int, cfg: dict, out_dir: Path) -> tuple[list[dict], dict, tuple]:
+    """Rows for one seed, the test reconstructions {method: (n, n_elems)} and (x_test, nodes, elements)."""
+    from deepunroll.pipeline import build_problem, load_datasets
+    from deepunroll.studies.common import compose_config
+
+    conf = compose_config(["+experiment=eit_lpgd_rma", f"operator.h0={cfg['h0']}",
+                           f"data.splits.train={cfg['n_train']}", f"data.splits.val={cfg['n_val']}",
+                           f"data.splits.test={cfg['n_test']}", f"data.n_train={cfg['n_train']}",
+                           f"data.noise={cfg['noise']}", f"net.n_iter={cfg['n_iter']}", "train.device=cpu",
+                           f"seed={seed}",
+                           f"data.root={out_dir / 'data'}"])
+    seed_everything(seed)
+    operator, _, net = build_problem(conf, "cpu")
+    data = load_datasets(conf, operator, splits=("train", "test"))
+    train_set, test = data["train"], data["test"]
+    edges = element_neighbours(operator.elements.cpu())
+
+    def label_layer(backward: str, mu: float) -> ArgminLayer:
+        return ArgminLayer(LabelEnergy(EIT["labels"], mu=mu, edges=edges), ICM(EIT["icm_sweeps"]),
+                           backward=backward, tau=EIT["tau"], side="central")
+
+    _fit(net, train_set, cfg["pre_epochs"], cfg["batch"], seed)
+    branches = {"lpgd_rma": copy.deepcopy(net),
+                "lagrangian": Labelled(copy.deepcopy(net), label_layer("lagrangian", EIT["mu"])),
+                "straight_through": Labelled(copy.deepcopy(net), label_layer("straight_through", EIT["mu"]))}
+    seconds = {name: _fit(model, train_set, cfg["fine_epochs"], cfg["batch"], seed) for name, model in branches.items()}
+    with torch.no_grad():
+        for model in branches.values():
+            model.eval()
+        plain = branches["lpgd_rma"](test.y, test.x0)
+        outputs = {"gauss_newton": test.x0, "lpgd_rma": plain,
+                   "post_hoc_nearest": label_layer("straight_through", 0.0)(plain),
+                   "post_hoc_icm": label_layer("straight_through", EIT["mu"])(plain),
+                   "lagrangian": branches["lagrangian"](test.y, test.x0),
+                   "straight_through": branches["straight_through"](test.y, test.x0)}
+    seconds["post_hoc_nearest"] = seconds["post_hoc_icm"] = seconds["lpgd_rma"]
+    rows = [{"method": m, "seed": seed, **eit_scores(outputs[m], test.x), "finetune_seconds": seconds.get(m, "")}
+            for m in EIT_METHODS]
+    return rows, outputs, (test.x, operator.nodes.cpu(), operator.elements.cpu())
+
+
+def eit_table(rows: list[dict]) -> str:
+    lines = ["| method | relative error | label accuracy | fine-tune time (s) |", "| --- | --- | --- | --- |"]
+    for method in EIT_METHODS:
+        rs = [r for r in rows if r["method"] == method]
+        if not rs:
+            continue
+        secs = [r["finetune_seconds"] for r in rs if r["finetune_seconds"] != ""]
+        lines.append(f"| {method} | {format_mean_std([r['rel_err'] for r in rs], 4)} | "
+                     f"{format_mean_std([r['label_acc'] for r in rs], 4)} | "
+                     f"{format_mean_std(secs, 1) if secs else '-'} |")
+    by_seed = {(r["method"], r["seed"]): r for r in rows}
+    seeds = [s for m, s in by_seed if m == "lagrangian" and ("straight_through", s) in by_seed]
+    if seeds:
+        wins = sum(by_seed["lagrangian", s]["label_acc"] > by_seed["straight_through", s]["label_acc"] for s in seeds)
+        lines.append("")
+        lines.append("Paired over seeds, lagrangian minus straight-through: relative error "
+                     + format_mean_std([by_seed["lagrangian", s]["rel_err"] - by_seed["straight_through", s]["rel_err"]
+                                  for s in seeds], 4)
+                     + ", label accuracy "
+                     + format_mean_std([by_seed["lagrangian", s]["label_acc"] - by_seed["straight_through", s]["label_acc"]
+                                  for s in seeds], 4)
+                     + f" ({wins}"
+                     f" of {len(seeds)} seeds with higher label accuracy).")
+    return "\n".join(lines)
+
+
