@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import torch
 
 from deepunroll import metrics as metric_fns
 from deepunroll.pipeline import load_checkpoint_config, load_datasets, load_model
+from deepunroll.tables import write_csv
 from deepunroll.viz import plot_image_reconstructions, plot_mesh_reconstructions, plot_signal_reconstructions
 
 MEASUREMENT = "measurement y"
@@ -115,10 +115,3 @@ def format_table(rows: list[dict]) -> str:
         cells = " ".join(f"{row[m + '_mean']:>11.4e} +- {row[m + '_std']:<7.1e}" for m in metrics)
         lines.append(f"{row['method']:<{width}} {row['n']:>5} {cells}")
     return "\n".join(lines)
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)

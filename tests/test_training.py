@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import CONFIGS, REPO, compose_config
-from deepunroll.evaluation import evaluate_checkpoint, write_csv
+from deepunroll.evaluation import evaluate_checkpoint
+from deepunroll.tables import write_csv
 from deepunroll.nets.unrolled import count_parameters
 from deepunroll.pipeline import build_problem, load_model, train
 

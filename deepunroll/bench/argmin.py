@@ -11,7 +11,6 @@ count, every mode solves from the same start with exactly that many iterations (
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from deepunroll.nets.argmin import ArgminLayer, GradientDescent
 from deepunroll.nets.energies import HuberTVEnergy
+from deepunroll.tables import write_csv
 from deepunroll.train.memory import count_saved_bytes
 
 COLUMNS = ["mode", "tau", "solver_iters", "grad_rel_err", "backward_seconds", "saved_bytes"]
@@ -80,11 +80,7 @@ def main(argv: list[str]) -> None:
             rows.append({"mode": mode, "tau": "" if tau is None else f"{tau:g}", "solver_iters": n_iter,
                          "grad_rel_err": f"{error:.3e}", "backward_seconds": f"{seconds:.4f}", "saved_bytes": n_bytes})
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out, COLUMNS)
     print_table(rows)
     print(f"wrote {args.out}")
 

@@ -13,7 +13,6 @@ adjoint solve to 1e-6 or 50 iterations).
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from deepunroll.pipeline import build_problem
+from deepunroll.tables import write_csv
 from deepunroll.train.memory import count_saved_bytes
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -116,11 +116,7 @@ def main(argv: list[str]) -> None:
                 rows.append(row)
                 print(f"{problem:>4} {mode:>14} K={depth:>4}  saved {row['saved_bytes'] / 2**20:9.2f} MiB  "
                       f"step {row['step_seconds']:.3f} s", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out, COLUMNS)
     plot(rows, args.figure)
     print(f"wrote {args.out} and {args.figure}")
     for problem in args.problems:

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 import numpy as np
 import skimage.data
 import torch
-import torch.nn.functional as F
 from skimage.color import rgb2gray, rgba2rgb
 
 #: skimage.data images shipped inside the scikit-image package (no download), name -> canonical name.

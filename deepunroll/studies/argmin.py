@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import math
 import time
 from pathlib import Path
@@ -35,10 +34,11 @@ from deepunroll.nets.argmin import ArgminLayer, GradientDescent
 from deepunroll.nets.energies import HuberTVEnergy
 from deepunroll.operators.blur import VolterraBlur2d
 from deepunroll.operators.toy import NonlinearConv1d
-from deepunroll.train.checkpoint import seed_everything
-from deepunroll.train.memory import count_saved_bytes
 from deepunroll.studies.argmin_eit import EIT, EIT_COLUMNS, eit_seed, eit_table
 from deepunroll.studies.common import format_mean_std
+from deepunroll.tables import write_csv
+from deepunroll.train.checkpoint import seed_everything
+from deepunroll.train.memory import count_saved_bytes
 
 TV_MODES = ("unroll", "implicit", "lagrangian")
 TV_COLUMNS = ["problem", "mode", "seed", "steps", "test_psnr", "initial_psnr", "train_seconds", "saved_bytes",
@@ -194,11 +194,7 @@ def tv_table(rows: list[dict]) -> str:
 
 # ------------------------------------------------------------------------------------------ common
 def _write(rows: list[dict], columns: list[str], md: str, stem: Path) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, stem.with_suffix(".csv"), columns)
     stem.with_suffix(".md").write_text(md)
 
 

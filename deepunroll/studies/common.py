@@ -7,7 +7,6 @@ trained by another process holds ``claim.pid``, so the same command started twic
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -88,16 +87,6 @@ def run_one(overrides: list[str], run_dir: Path, info: dict) -> dict | None:
 
 def metric_names(row: dict) -> list[str]:
     return [k[: -len("_mean")] for k in row if k.endswith("_mean")]
-
-
-def write_rows(rows: list[dict], path: Path) -> None:
-    """CSV with the union of the rows' keys as columns (first-seen order)."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

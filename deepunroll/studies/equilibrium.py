@@ -12,7 +12,6 @@ run), results/equilibrium.md (mean +- std over seeds) and figures/equilibrium_st
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import shutil
 import time
@@ -23,6 +22,7 @@ from hydra import compose, initialize_config_dir
 
 from deepunroll import metrics
 from deepunroll.pipeline import load_datasets, load_model, train
+from deepunroll.tables import write_csv
 from deepunroll.train.memory import count_saved_bytes
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -141,11 +141,7 @@ def run(profile: str = "quick", out_dir: str | Path = ".") -> list[dict]:
                     pnp_histories.setdefault(mode, []).append(history)
                 print(f"{model} {mode} seed {seed}: test MSE {row['test_mse']:.4g}, PSNR {row['test_psnr']:.2f} dB, "
                       f"{row['train_seconds']:.1f} s", flush=True)
-    (out_dir / "results").mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "results" / "equilibrium.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out_dir / "results" / "equilibrium.csv", COLUMNS)
     md = (f"# Restarted JFB vs DEQ on the toy problem ({profile} profile, "
           f"{len(PROFILES[profile]['seeds'])} seeds, mean ± std)\n\n{table(rows)}\n")
     (out_dir / "results" / "equilibrium.md").write_text(md)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from deepunroll.studies.common import (CONFIGS, format_value, markdown_table, mean_std, metric_names, paired,
-                                       RESULT, run_one, seed_table, slug, write_rows)
+from deepunroll.studies.common import (CONFIGS, RESULT, format_value, markdown_table, metric_names, paired, run_one,
+                                       seed_table, slug)
+from deepunroll.tables import write_csv
 
 # (better, base) pairs of the claims; gains are per seed, positive when `better` is better
 CLAIM_PAIRS = {
@@ -152,7 +153,7 @@ def write_outputs(tables: dict[str, tuple[list[dict], dict]], out_dir: Path) -> 
         if not rows:
             continue
         csv_path = out_dir / "results" / f"{table}.csv"
-        write_rows(rows, csv_path)
+        write_csv(rows, csv_path)
         keys = [column(k) for k in spec["axes"] if k != "seed"]
         metrics = metric_names(rows[0])
         md = (f"# {table}: test metrics, mean +- std over seeds\n\nEach cell is the mean over the test set of one "
