@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,6 +29,13 @@ from deepunroll.train.checkpoint import seed_everything
 from deepunroll.train.trainer import Trainer, TrainSettings, resolve_device
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def compose_config(overrides=(), config_name: str = "config") -> DictConfig:
+    """A config composed from configs/ as the scripts see it (without the hydra node), for use in Python."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
 
 
 def network_dtype(cfg: DictConfig) -> torch.dtype:

@@ -1,20 +1,12 @@
 """Shared fixtures: Hydra config composition with test-local data and run folders."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from deepunroll.pipeline import CONFIGS, compose_config  # noqa: F401  (shared by the test modules)
+
 REPO = CONFIGS.parent
-
-
-def compose_config(overrides=(), config_name="config"):
-    """Compose a config from configs/ exactly as the scripts see it (without the hydra node)."""
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name, overrides=list(overrides))
 
 
 @pytest.fixture

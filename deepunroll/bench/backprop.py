@@ -17,21 +17,14 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from deepunroll.pipeline import build_problem
+from deepunroll.pipeline import build_problem, compose_config
 from deepunroll.tables import write_csv
 from deepunroll.train.memory import count_saved_bytes
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MODES = ("full", "checkpoint", "jfb", "restarted_jfb", "deq")
 EXPERIMENTS = {"toy": "toy_lpgd_tied", "eit": "eit_lpgd"}
 COLUMNS = ["problem", "mode", "K", "saved_bytes", "step_seconds", "cuda_max_bytes"]
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def measure(problem: str, mode: str, depth: int, batch: int, device: torch.device, repeats: int) -> dict:

@@ -82,7 +82,7 @@ def _fit(model: nn.Module, train_set, epochs: int, batch: int, seed: int) -> flo
 def eit_seed(seed: int, cfg: dict, out_dir: Path) -> tuple[list[dict], dict, tuple]:
     """Rows for one seed, the test reconstructions {method: (n, n_elems)} and (x_test, nodes, elements)."""
     from deepunroll.pipeline import build_problem, load_datasets
-    from deepunroll.studies.common import compose_config
+    from deepunroll.pipeline import compose_config
 
     conf = compose_config(["+experiment=eit_lpgd_rma", f"operator.h0={cfg['h0']}",
                            f"data.splits.train={cfg['n_train']}", f"data.splits.val={cfg['n_val']}",

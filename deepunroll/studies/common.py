@@ -13,16 +13,8 @@ import os
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RESULT = "result.json"
-
-
-def compose_config(overrides: list[str]):
-    """A config composed from configs/ as scripts/train.py sees it (without the hydra node)."""
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def slug(text: str) -> str:
@@ -59,7 +51,7 @@ def run_one(overrides: list[str], run_dir: Path, info: dict) -> dict | None:
     values) is stored with the result.
     """
     from deepunroll.evaluation import evaluate
-    from deepunroll.pipeline import train
+    from deepunroll.pipeline import compose_config, train
     from deepunroll.record import git_commit, config_dict
 
     done = run_dir / RESULT

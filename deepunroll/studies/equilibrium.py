@@ -18,14 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from deepunroll import metrics
-from deepunroll.pipeline import load_datasets, load_model, train
+from deepunroll.pipeline import compose_config, load_datasets, load_model, train
 from deepunroll.tables import write_csv
 from deepunroll.train.memory import count_saved_bytes
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MODELS = {"pnp": ["+experiment=toy_pnp", "net.spectral_norm=0.5"], "lpgd_tied": ["+experiment=toy_lpgd_tied"]}
 # (label, overrides): depth K of `full`, forward budget of jfb / deq, restart block of restarted_jfb
 MODES = {
@@ -45,11 +43,6 @@ PROFILES = {
 }
 COLUMNS = ["model", "mode", "seed", "test_mse", "test_psnr", "train_seconds", "saved_bytes", "final_step_size",
            "final_lipschitz", "nonfinite_steps"]
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def one_run(model: str, mode: str, seed: int, profile: str, out_dir: Path) -> tuple[dict, list[dict]]:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from deepunroll.studies.common import (CONFIGS, RESULT, format_value, markdown_table, metric_names, paired, run_one,
+from deepunroll.pipeline import CONFIGS
+from deepunroll.studies.common import (RESULT, format_value, markdown_table, metric_names, paired, run_one,
                                        seed_table, slug)
 from deepunroll.tables import write_csv
 
