@@ -20,6 +20,10 @@ class NonFiniteLossError(RuntimeError):
     """Raised when the loss becomes NaN/Inf and ``train.on_nonfinite=stop``."""
 
 
+class NonFiniteGradientError(NonFiniteLossError):
+    """Raised when a gradient entry is NaN/Inf (finite loss) and ``train.on_nonfinite=stop``."""
+
+
 class ExistingRunError(RuntimeError):
     """The run directory already holds a checkpoint and ``train.resume`` is false."""
 
@@ -137,19 +141,23 @@ class Trainer:
             loss = self._loss(batch, self.net)
             finite_everywhere = distributed.sum_over_ranks(float(torch.isfinite(loss)))[0] == self.world
             if not finite_everywhere:
-                if self.settings.on_nonfinite == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, step {step + 1}; "
-                        f"the last good checkpoint is {self.last_path}"
-                    )
-                self.skipped_steps += 1
-                if writer is not None:
-                    writer.add_scalar("train/skipped_steps", self.skipped_steps, self.epoch)
+                self._nonfinite(NonFiniteLossError, f"non-finite loss ({loss.item()})", step, writer)
                 continue
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+            # one fused norm over all gradients (foreach kernels); it is inf/NaN iff some entry is
+            # (or the norm itself overflows). Clipping a non-finite norm would write NaN into the
+            # gradients (inf * 0) and Adam into the parameters, so such a step is never taken.
+            # DDP has already averaged the gradients: every process sees the same norm and decides alike.
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+            if not self.scaler.is_enabled() and not bool(torch.isfinite(grad_norm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._nonfinite(NonFiniteGradientError, f"non-finite gradient (norm {grad_norm.item()})", step,
+                                writer)
+                continue
+            # float16 AMP (CUDA): the grad scaler skips a step with inf/NaN gradients itself and lowers
+            # its scale (an overflow of the scaled loss, expected early on), so those are not counted
             self.scaler.step(self.optimizer)
             self.scaler.update()
             n = batch["x"].shape[0]
@@ -158,6 +166,15 @@ class Trainer:
         self.scheduler.step()
         total, count = distributed.sum_over_ranks(total, count)
         return total / max(count, 1)
+
+    def _nonfinite(self, error: type[NonFiniteLossError], what: str, step: int, writer) -> None:
+        """train.on_nonfinite: ``stop`` raises ``error``; ``skip`` counts the step (not taken) and logs the count."""
+        if self.settings.on_nonfinite == "stop":
+            raise error(f"{what} at epoch {self.epoch + 1}, step {step + 1}; the last good checkpoint is "
+                        f"{self.last_path}")
+        self.skipped_steps += 1
+        if writer is not None:
+            writer.add_scalar("train/skipped_steps", self.skipped_steps, self.epoch)
 
     @torch.no_grad()
     def evaluate_loss(self, dataset: Dataset) -> float:
@@ -194,9 +211,9 @@ class Trainer:
                     for name, value in (scalars | {f"diag/{k}": v for k, v in diagnostics.items()}).items():
                         writer.add_scalar(name, value, self.epoch)
                     state = self._state()
-                    checkpoint.save_atomic(state, self.last_path)
-                    if improved:
+                    if improved:  # best first: a run killed between the two writes redoes this epoch
                         checkpoint.save_atomic(state, self.best_path)
+                    checkpoint.save_atomic(state, self.last_path)
                     tqdm.write(
                         f"epoch {self.epoch:>3}/{self.settings.epochs}  train {train_loss:.4e}  val {val_loss:.4e}"
                         + ("  *best" if improved else "")
