@@ -7,13 +7,16 @@ import inspect
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from deepunroll.nets.direction import DataFit
 from deepunroll.nets.unrolled import UnrolledNet
 from deepunroll.operators.base import ForwardOperator
 
 
-def _shape_kwargs(node: DictConfig, operator: ForwardOperator, n_iter: int) -> dict:
+def _shape_kwargs(node: DictConfig, operator: ForwardOperator, n_iter: int, aux_channels: int = 0) -> dict:
     """Fill the constructor arguments that come from the operator and net, not from the user."""
     available = {"x_shape": tuple(operator.in_shape), "y_shape": tuple(operator.out_shape), "n_iter": n_iter}
+    if aux_channels:  # steps that take them (LPGD) see the direction's magnitude; others read the direction alone
+        available["aux_channels"] = aux_channels
     params = inspect.signature(get_object(node._target_)).parameters
     return {name: value for name, value in available.items() if name in params}
 
@@ -22,10 +25,13 @@ def build_model(net_cfg: DictConfig, accel_cfg: DictConfig, operator: ForwardOpe
     """UnrolledNet(operator, step, accelerator, n_iter) as configured by ``net.*`` and ``accel.*``.
 
     Optional keys: ``net.backprop`` (full | checkpoint | jfb | restarted_jfb | deq), ``net.fixed_point.*``
-    (their settings), ``net.spectral_norm`` (bound on every convolution kernel's norm; null: off).
+    (their settings), ``net.spectral_norm`` (bound on every convolution kernel's norm; null: off),
+    ``net.direction`` (raw | scaled | normalized | gauss_newton; absent: raw, as in checkpoints written
+    before it existed) and ``net.direction_damping`` (gauss_newton's lambda / mean diag(J J^T)).
     """
     n_iter = net_cfg.n_iter
-    step = instantiate(net_cfg.step, **_shape_kwargs(net_cfg.step, operator, n_iter))
+    data_fit = DataFit(operator, net_cfg.get("direction", "raw"), net_cfg.get("direction_damping", 0.01))
+    step = instantiate(net_cfg.step, **_shape_kwargs(net_cfg.step, operator, n_iter, data_fit.aux_channels))
     if net_cfg.get("spectral_norm") is not None:
         from deepunroll.nets.lipschitz import spectral_normalise
 
@@ -41,4 +47,5 @@ def build_model(net_cfg: DictConfig, accel_cfg: DictConfig, operator: ForwardOpe
         initial_guess=initial_guess,
         backprop=net_cfg.get("backprop", "full"),
         fixed_point=OmegaConf.to_container(fixed_point) if fixed_point is not None else None,
+        data_fit=data_fit,
     )

@@ -16,7 +16,8 @@ class LPDStep(nn.Module):
 
     dual:   h <- h + Gamma_k([h, F(x[1]), y])          (3 convolutions, D+2 -> D)
     primal: x <- x + Lambda_k([x, v])                   (4 convolutions, P+1 -> P)
-    where v is the (accelerated) direction d = J(x[0])^T h[0]. Output x[0].
+    where v is the (accelerated) direction d = J(x[0])^T h[0]. Output x[0]. F(x), y and J^T h are presented
+    as ``net.direction`` says (:mod:`deepunroll.nets.direction`; raw: as written here).
     ``zero_init``: the last convolution of every block starts at zero (the untrained net returns x0).
     """
 
@@ -50,7 +51,7 @@ class LPDStep(nn.Module):
         """Dual update, then d = J(x[0])^T h[0]; returns ((x, h), d)."""
         x, h = state
         gamma = self.dual_blocks[k % len(self.dual_blocks)]
-        h = h + gamma(torch.cat([h, data.forward(x[:, 1]).unsqueeze(1), data.y.unsqueeze(1)], dim=1))
+        h = h + gamma(torch.cat([h, data.forward(x[:, 1]).unsqueeze(1), data.target.unsqueeze(1)], dim=1))
         return (x, h), data.vjp(x[:, 0], h[:, 0])
 
     def update(self, k: int, state, v: torch.Tensor):

@@ -12,31 +12,42 @@ from deepunroll.nets.data_term import DataTerm
 
 
 class LPGDStep(nn.Module):
-    """One LPGD iteration; v_k is the (accelerated) data-fit direction d_k = J^T (F(x_k) - y).
+    """One LPGD iteration; v_k is the (accelerated) data-fit direction d_k (``net.direction``; raw:
+    J^T (F(x_k) - y)).
 
-    State: x (B, *x_shape). Lambda_k: Conv(2->hidden) PReLU ... Conv(hidden->1) with ``n_conv``
-    convolutions over the spatial dims of x (1D for signals / element vectors, 2D for images).
+    State: x (B, *x_shape). Lambda_k: Conv(2+aux->hidden) PReLU ... Conv(hidden->1) with ``n_conv``
+    convolutions over the spatial dims of x (1D for signals / element vectors, 2D for images); its
+    inputs are x, v and ``aux_channels`` per-sample features of the direction (constant channels).
     ``zero_init``: the last convolution of every block starts at zero (the untrained net returns x0).
+    ``step_size``: if not None, a learned scalar alpha_k per block (initialised to it) adds the explicit
+    data step -alpha_k v_k: x_{k+1} = x_k - alpha_k v_k + Lambda_k(...).
     """
 
     def __init__(
         self, n_iter: int, x_shape: tuple[int, ...], hidden: int = 32, n_conv: int = 4, share_weights: bool = False,
-        zero_init: bool = False,
+        zero_init: bool = False, aux_channels: int = 0, step_size: float | None = None,
     ) -> None:
         super().__init__()
-        block = functools.partial(conv_block, 2, 1, hidden, n_conv, len(x_shape), zero_init)
+        block = functools.partial(conv_block, 2 + aux_channels, 1, hidden, n_conv, len(x_shape), zero_init)
         self.blocks = per_iteration(block, n_iter, share_weights)
+        self.step_sizes = None if step_size is None else nn.Parameter(torch.full((len(self.blocks),), float(step_size)))
 
     def init_state(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x0
 
-    def direction(self, k: int, x: torch.Tensor, data: DataTerm) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (state, d_k) with d_k = J(x_k)^T (F(x_k) - y)."""
-        return x, data.misfit_grad(x)
+    def direction(self, k: int, x: torch.Tensor, data: DataTerm):
+        """Returns ((x_k, aux), d_k); aux (B,) or None are the direction's extra features."""
+        d, aux = data.misfit_direction(x)
+        return (x, aux), d
 
-    def update(self, k: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def update(self, k: int, state, v: torch.Tensor) -> torch.Tensor:
+        x, aux = state
         block = self.blocks[k % len(self.blocks)]
-        return x + block(torch.stack([x, v], dim=1))[:, 0]
+        channels = [x, v] if aux is None else [x, v, aux.view(-1, *[1] * (x.dim() - 1)).expand_as(x)]
+        x_next = x + block(torch.stack(channels, dim=1))[:, 0]
+        if self.step_sizes is not None:
+            x_next = x_next - self.step_sizes[k % len(self.blocks)].to(x.dtype) * v
+        return x_next
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from deepunroll.nets.data_term import DataTerm
+from deepunroll.nets.direction import DataFit
 from deepunroll.operators.base import ForwardOperator
 from deepunroll.train.backprop import FIXED_POINT_MODES, FlatState, make_backprop
 
@@ -21,6 +22,8 @@ class UnrolledNet(nn.Module):
     ``backprop``: a mode name (full, checkpoint, jfb, restarted_jfb, deq; settings ``fixed_point``)
     or a strategy from :func:`deepunroll.train.backprop.make_backprop`. The fixed-point modes iterate
     the weight-tied map T(z) = :meth:`iteration` on z = (step state, accelerator state).
+    ``data_fit``: how F, J and y are presented to the blocks (``net.direction``,
+    :mod:`deepunroll.nets.direction`); default ``raw``, the published input.
     """
 
     def __init__(
@@ -33,6 +36,7 @@ class UnrolledNet(nn.Module):
         initial_guess: Callable[[ForwardOperator, torch.Tensor], torch.Tensor] | None = None,
         backprop="full",
         fixed_point: dict | None = None,
+        data_fit: DataFit | None = None,
     ) -> None:
         super().__init__()
         if int(n_iter) != n_iter or n_iter <= 0:
@@ -40,6 +44,7 @@ class UnrolledNet(nn.Module):
         self.operator, self.step, self.accelerator = operator, step, accelerator
         self.n_iter, self.grad_through_operator = int(n_iter), bool(grad_through_operator)
         self.initial_guess = initial_guess
+        self.data_fit = data_fit if data_fit is not None else DataFit(operator, "raw")
         self.backprop = make_backprop(backprop, fixed_point) if isinstance(backprop, str) else backprop
         if self.backprop.mode in FIXED_POINT_MODES and not self.weight_tied:
             raise ValueError(
@@ -70,7 +75,7 @@ class UnrolledNet(nn.Module):
         """``index`` (B,): dataset indices, used by ``restarted_jfb`` warm starts in training mode."""
         self.operator.check_input(y, "y", self.operator.out_shape)
         self.operator.check_input(x0, "x0")
-        data = DataTerm(self.operator, y, self.grad_through_operator)
+        data = DataTerm(self.operator, y, self.grad_through_operator, self.data_fit)
         state, _ = self.backprop(self, self.initial_state(x0, y), data, index)
         return self.step.output(state)
 
@@ -81,7 +86,7 @@ class UnrolledNet(nn.Module):
             return {}
         from deepunroll.nets.lipschitz import jacobian_norm
 
-        data = DataTerm(self.operator, y, self.grad_through_operator)
+        data = DataTerm(self.operator, y, self.grad_through_operator, self.data_fit)
         with torch.no_grad():
             z = self.initial_state(x0, y)
             for k in range(self.n_iter):

@@ -55,6 +55,15 @@ class ForwardOperator(nn.Module):
                 f"{cls}: {name} must have shape (B, {', '.join(map(str, shape))}), got {tuple(x.shape)}"
             )
 
+    def reference_point(self) -> torch.Tensor:
+        """A typical input x_ref (1, *in_shape), float64, at which data-fit scales are measured
+        (:mod:`deepunroll.nets.direction`); zeros unless a subclass knows better (EIT: unit conductivity)."""
+        return torch.zeros((1, *self.in_shape), dtype=torch.float64, device=self._device())
+
+    def _device(self) -> torch.device:
+        buffer = next(iter(self.buffers()), None)
+        return buffer.device if buffer is not None else torch.device("cpu")
+
     # ------------------------------------------------------------ interface
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """F(x): (B, *in_shape) -> (B, *out_shape)."""
@@ -76,6 +85,10 @@ class ForwardOperator(nn.Module):
         """Gradient of 1/2 ||F(x) - y||^2, i.e. J(x)^T (F(x) - y): (B, *in_shape)."""
         self.check_input(y, "y", self.out_shape)
         return self.vjp(x, self.forward(x) - y)
+
+    def linearize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F(x) (B, *out_shape), dense Jacobian (B, n_out, n_in)); subclasses share one solve between them."""
+        return self.forward(x), self.jacobian(x)
 
     # ------------------------------------------------------- autograd defaults
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

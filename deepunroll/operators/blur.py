@@ -156,6 +156,10 @@ class VolterraBlur2d(ForwardOperator):
         )
         return meta
 
+    def reference_point(self) -> torch.Tensor:
+        """A mid-grey image (1, H, W) = 0.5: the middle of the patches' [0, 1] range."""
+        return torch.full((1, *self.in_shape), 0.5, dtype=torch.float64, device=self.linear_kernel.device)
+
     # ------------------------------------------------------------- internals
     def _kernels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """w flattened (k^2,) and W (k^2, k^2) in x's dtype and device."""

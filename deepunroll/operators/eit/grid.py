@@ -81,6 +81,15 @@ class GridOperator(ForwardOperator):
     def _jacobian(self, z: torch.Tensor) -> torch.Tensor:
         return self.mesh_operator.jacobian(self.grid.to_mesh(z)) @ self.grid.project.to(z.dtype)
 
+    def reference_point(self) -> torch.Tensor:
+        return self.grid.to_grid(self.mesh_operator.reference_point())
+
+    def linearize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F, J) from one mesh linearisation: J = J_mesh @ project, (B, n_meas, n*n)."""
+        self.check_input(z)
+        predicted, jac = self.mesh_operator.linearize(self.grid.to_mesh(z))
+        return predicted, jac @ self.grid.project.to(jac.dtype)
+
     def misfit_grad(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.check_input(z)
         return self._to_image(self.mesh_operator.misfit_grad(self.grid.to_mesh(z), y))

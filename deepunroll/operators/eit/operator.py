@@ -235,6 +235,10 @@ class EIT(ForwardOperator):
         grads = fem.field_gradients(fields, self.edges, self.elements, self.ref_node)
         return fem.measurement_jacobian(grads, self.row_sources, self.row_probes)
 
+    def reference_point(self) -> torch.Tensor:
+        """Unit conductivity everywhere (1, n_elems): the phantoms' and Gauss-Newton's background."""
+        return torch.ones((1, self.n_elems), dtype=_PHYSICS_DTYPE, device=self.nodes.device)
+
     def linearize(self, sigma: torch.Tensor, check_positive: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(F(sigma) (B, n_meas), dF/dsigma (B, n_meas, E)) in float64, from one factorisation per sample."""
         sigma64 = self.physics_input(sigma, check_positive)

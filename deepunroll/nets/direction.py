@@ -1,0 +1,135 @@
+"""How the data-fit signal is presented to the learned blocks (``net.direction``).
+
+On EIT the raw gradient d = J^T (F(x) - y) is about 1e-8 at the Gauss-Newton x0 while x is of
+order one, and the voltages F(x), y (about 0.03) differ by about 1e-5: convolutions and an LSTM
+initialised with weights of order 0.1 cannot see such inputs. The kinds below present the same
+information at order one. With c = ||J(x_ref)||_2 (spectral norm at the operator's reference point,
+:meth:`ForwardOperator.reference_point`) and y_ref = F(x_ref), every kind but ``raw`` works with the
+normalised operator F~(x) = (F(x) - y_ref) / c, whose Jacobian J / c has norm one at x_ref:
+
+========== ======================================= ======================== ==========================
+kind       misfit direction (LPGD, MA, RMA, PnP)   LPD dual inputs F(x), y  LPD primal input from h
+========== ======================================= ======================== ==========================
+raw        J^T r  (published; r = F(x) - y)         F(x), y                  J^T h
+scaled     J^T r / c^2                              F~(x), y~                J^T h / c
+normalized J^T r / rms(J^T r), log10 rms(J^T r/c^2) F~(x), y~                J^T h / c
+           as an extra block channel (LPGD)
+gauss_newton J^T (J J^T + lam I)^{-1} r             F~(x), y~                c J^T (J J^T + lam I)^{-1} h
+========== ======================================= ======================== ==========================
+
+``gauss_newton``: lam = ``damping`` x mean(diag(J J^T)) per sample (scale-free); the M x M system
+(M measurements) is solved by one batched Cholesky per iterate, J from ``operator.linearize``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deepunroll.operators.base import ForwardOperator
+
+KINDS = ("raw", "scaled", "normalized", "gauss_newton")
+
+
+class DataFit(nn.Module):
+    """The presentation of F, J and y chosen by ``net.direction``; buffers ``scale`` (c) and ``y_ref``
+    (F(x_ref), (*out_shape)) are float64 and saved in checkpoints, so a trained model keeps the scale it
+    was trained with. ``raw`` holds no buffers (checkpoints written before this module load unchanged).
+    """
+
+    def __init__(self, operator: ForwardOperator, kind: str = "raw", damping: float = 0.01, power_iters: int = 100) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"net.direction={kind!r}; expected one of {list(KINDS)}")
+        if not damping > 0:
+            raise ValueError(f"net.direction_damping={damping}; expected > 0 (fraction of mean diag(J J^T))")
+        self.kind, self.damping = kind, float(damping)
+        self.disabled = False  # set by deepunroll.ablation.data_term_removed: every direction returns zeros
+        if kind != "raw":
+            x_ref = operator.reference_point().to(torch.float64)
+            with torch.no_grad():
+                y_ref = operator(x_ref)[0].to(torch.float64)
+            self.register_buffer("scale", torch.tensor(operator_norm(operator, x_ref, power_iters), dtype=torch.float64))
+            self.register_buffer("y_ref", y_ref)
+
+    @property
+    def aux_channels(self) -> int:
+        """Extra per-sample channels the direction hands to LPGD's blocks (1 for ``normalized``)."""
+        return 1 if self.kind == "normalized" else 0
+
+    def extra_repr(self) -> str:
+        scale = "" if self.kind == "raw" else f", scale={float(self.scale):.4g}"
+        return f"kind={self.kind}{scale}" + (f", damping={self.damping}" if self.kind == "gauss_newton" else "")
+
+    # --------------------------------------------------- measurement space
+    def measurements(self, v: torch.Tensor) -> torch.Tensor:
+        """Voltages/measurements as the blocks see them: v (raw) or (v - y_ref) / c, float64 in, float64 out."""
+        if self.kind == "raw":
+            return v
+        return (v - self.y_ref) / self.scale
+
+    # ---------------------------------------------------------- directions
+    def misfit_direction(self, operator: ForwardOperator, x: torch.Tensor, y: torch.Tensor):
+        """(d, aux): the data-fit direction (B, *in_shape) at x (float64) for measurements y (float64);
+        aux (B,) or None (``normalized``: log10 of the rms of J^T r / c^2)."""
+        if self.kind == "gauss_newton":
+            predicted, jac = operator.linearize(x)
+            return _regularised_pseudo_inverse(jac, predicted - y, self.damping, x.shape), None
+        grad = operator.misfit_grad(x, y)
+        if self.kind == "raw":
+            return grad, None
+        grad = grad / self.scale**2
+        if self.kind == "scaled":
+            return grad, None
+        rms = grad.flatten(1).square().mean(1).sqrt().clamp_min(torch.finfo(grad.dtype).tiny)
+        return grad / rms.view(-1, *[1] * (grad.dim() - 1)), rms.log10()
+
+    def adjoint_direction(self, operator: ForwardOperator, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The primal direction LPD builds from a measurement-space variable h (B, *out_shape)."""
+        if self.kind == "gauss_newton":
+            _, jac = operator.linearize(x)
+            return self.scale * _regularised_pseudo_inverse(jac, h.to(jac.dtype), self.damping, x.shape)
+        grad = operator.vjp(x, h)
+        return grad if self.kind == "raw" else grad / self.scale
+
+
+def _regularised_pseudo_inverse(jac: torch.Tensor, r: torch.Tensor, damping: float, x_shape) -> torch.Tensor:
+    """J^T (J J^T + lam I)^{-1} r, lam = damping * mean(diag(J J^T)): jac (B, M, N), r (B, *out) -> (B, *x)."""
+    gram = jac @ jac.transpose(1, 2)
+    lam = damping * gram.diagonal(dim1=1, dim2=2).mean(-1)
+    gram = gram + lam[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    chol = torch.linalg.cholesky(gram)
+    dual = torch.cholesky_solve(r.reshape(r.shape[0], -1, 1), chol)
+    return (jac.transpose(1, 2) @ dual).reshape(x_shape)
+
+
+DENSE_NORM_ENTRIES = 1 << 22  # Jacobians up to 4M entries (32 MB) get an exact SVD norm
+
+
+def operator_norm(operator: ForwardOperator, x: torch.Tensor, n_iter: int = 50) -> float:
+    """||J(x)||_2 at one point x (1, *in_shape), float64: the exact largest singular value of the dense
+    Jacobian when it has at most ``DENSE_NORM_ENTRIES`` entries, else :func:`power_norm`."""
+    if operator.n_in * operator.n_out <= DENSE_NORM_ENTRIES:
+        return float(torch.linalg.matrix_norm(operator.jacobian(x)[0].to(torch.float64), 2))
+    return power_norm(operator, x, n_iter)
+
+
+def power_norm(operator: ForwardOperator, x: torch.Tensor, n_iter: int = 50, seed: int = 0) -> float:
+    """||J(x)||_2 by power iteration on J^T J from a seeded start (a lower bound that converges from below).
+
+    J u is the derivative in v of <J^T v, u> (``vjp`` is linear and differentiable in v), so only
+    ``forward`` and ``vjp`` are needed.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    u = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+    u = u / u.norm()
+    probe = torch.zeros((1, *operator.out_shape), dtype=torch.float64, device=x.device)
+    value = 0.0
+    for _ in range(n_iter):
+        with torch.enable_grad():
+            v = probe.clone().requires_grad_()
+            (ju,) = torch.autograd.grad((operator.vjp(x, v) * u).sum(), v)
+        jtju = operator.vjp(x, ju.detach())
+        value = float(jtju.norm().sqrt())  # ||J^T J u|| -> sigma_max^2 for unit u
+        u = jtju / jtju.norm()
+    return value

@@ -1,0 +1,136 @@
+"""net.direction: the data-fit signal the learned blocks see (deepunroll.nets.direction)."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import compose_config
+from deepunroll.nets.data_term import DataTerm
+from deepunroll.nets.direction import KINDS, DataFit, operator_norm, power_norm
+from deepunroll.operators.eit import EIT
+from deepunroll.operators.toy import NonlinearConv1d
+from deepunroll.pipeline import build_problem
+
+
+@pytest.fixture(scope="module")
+def toy():
+    op = NonlinearConv1d()
+    x = torch.randn(4, *op.in_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).cumsum(1) / 5
+    y = op(torch.randn_like(x) * 0.3 + x)
+    return op, x, y
+
+
+@pytest.fixture(scope="module")
+def coarse_eit():
+    return EIT(h0=0.2)
+
+
+def test_operator_norm_is_the_largest_singular_value(toy, coarse_eit):
+    for op in (toy[0], coarse_eit):
+        x = op.reference_point()
+        exact = torch.linalg.svdvals(op.jacobian(x)[0]).max().item()
+        assert operator_norm(op, x) == pytest.approx(exact, rel=1e-12)
+        # power iteration (for Jacobians too large to form) converges from below
+        approx = power_norm(op, x, n_iter=300)
+        assert approx <= exact * (1 + 1e-12) and approx == pytest.approx(exact, rel=2e-3)
+
+
+def test_scaled_and_normalized_are_the_raw_gradient_rescaled(toy):
+    op, x, y = toy
+    raw = op.misfit_grad(x, y)
+    scaled = DataFit(op, "scaled")
+    c = float(scaled.scale)
+    assert c == pytest.approx(torch.linalg.svdvals(op.jacobian(op.reference_point())[0]).max().item(), rel=1e-12)
+    d, aux = scaled.misfit_direction(op, x, y)
+    torch.testing.assert_close(d, raw / c**2, rtol=1e-13, atol=0)
+    assert aux is None
+    d, aux = DataFit(op, "normalized").misfit_direction(op, x, y)
+    rms = (raw / c**2).square().mean(1).sqrt()
+    torch.testing.assert_close(d, raw / (raw.square().mean(1, keepdim=True).sqrt()), rtol=1e-13, atol=0)
+    torch.testing.assert_close(aux, rms.log10(), rtol=1e-13, atol=0)
+    torch.testing.assert_close(d.square().mean(1), torch.ones(4, dtype=torch.float64), rtol=1e-13, atol=0)
+
+
+def test_gauss_newton_direction_solves_the_damped_system(toy):
+    op, x, y = toy
+    fit = DataFit(op, "gauss_newton", damping=0.05)
+    d, _ = fit.misfit_direction(op, x, y)
+    for b in range(x.shape[0]):
+        jac = op.jacobian(x[b : b + 1])[0]
+        gram = jac @ jac.T
+        lam = 0.05 * gram.diagonal().mean()
+        # the same vector from the n x n form: (J^T J + lam I)^{-1} J^T r
+        expected = torch.linalg.solve(jac.T @ jac + lam * torch.eye(jac.shape[1], dtype=jac.dtype), jac.T @ (op(x[b : b + 1])[0] - y[b]))
+        torch.testing.assert_close(d[b], expected, rtol=1e-9, atol=1e-12)
+    # LPD's primal input from h: c J^T (J J^T + lam I)^{-1} h, linear in h and differentiable in it
+    h = torch.randn_like(y).requires_grad_()
+    out = fit.adjoint_direction(op, x, h)
+    (grad,) = torch.autograd.grad(out.sum(), h)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(fit.adjoint_direction(op, x, 2 * h.detach()), 2 * out.detach(), rtol=1e-12, atol=0)
+
+
+def test_gauss_newton_direction_does_not_depend_on_the_measurement_scale(toy):
+    """Scale-free: multiplying F and y by 1000 leaves the direction unchanged (lambda is relative)."""
+    op, x, y = toy
+
+    class Scaled(NonlinearConv1d):  # every path of the operator multiplied by 1000
+        def _forward(self, x):
+            return 1000 * super()._forward(x)
+
+        def _vjp(self, x, v):
+            return super()._vjp(x, 1000 * v)
+
+        def _jacobian(self, x):
+            return 1000 * super()._jacobian(x)
+
+        def misfit_grad(self, x, y):
+            return self.vjp(x, self(x) - y)
+
+    big = Scaled()
+    d_small, _ = DataFit(op, "gauss_newton").misfit_direction(op, x, y)
+    d_big, _ = DataFit(big, "gauss_newton").misfit_direction(big, x, 1000 * y)
+    torch.testing.assert_close(d_big, d_small, rtol=1e-9, atol=1e-13)
+    assert float(DataFit(big, "scaled").scale) == pytest.approx(1000 * float(DataFit(op, "scaled").scale), rel=1e-12)
+
+
+def test_measurements_are_centred_and_scaled(toy):
+    op, x, y = toy
+    fit = DataFit(op, "scaled")
+    torch.testing.assert_close(fit.measurements(op(op.reference_point())), torch.zeros(1, *op.out_shape, dtype=torch.float64))
+    data = DataTerm(op, y.float(), data_fit=fit)
+    torch.testing.assert_close(data.target, ((y - fit.y_ref) / fit.scale).float())
+    torch.testing.assert_close(data.forward(x.float()), ((op(x) - fit.y_ref) / fit.scale).float())
+    h = torch.randn_like(y)
+    torch.testing.assert_close(data.vjp(x.float(), h.float()), (op.vjp(x, h) / fit.scale).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_raw_data_term_is_the_operator_itself(toy):
+    op, x, y = toy
+    data = DataTerm(op, y, data_fit=DataFit(op, "raw"))
+    assert data.target is y
+    torch.testing.assert_close(data.misfit_grad(x), op.misfit_grad(x, y), rtol=0, atol=0)
+    torch.testing.assert_close(data.vjp(x, y), op.vjp(x, y), rtol=0, atol=0)
+
+
+def test_bad_direction_settings_name_the_key(toy):
+    with pytest.raises(ValueError, match=r"net.direction='newton'; expected one of"):
+        DataFit(toy[0], "newton")
+    with pytest.raises(ValueError, match=r"net.direction_damping=0"):
+        DataFit(toy[0], "gauss_newton", damping=0)
+    with pytest.raises(ValueError, match=r"net.direction='gn'; expected one of"):
+        build_problem(compose_config(["+experiment=toy_lpgd", "net.direction=gn"]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_builds_and_runs_lpgd_and_lpd(kind):
+    for experiment in ("toy_lpgd_rma", "toy_lpd_rma"):
+        cfg = compose_config([f"+experiment={experiment}", f"net.direction={kind}", "net.n_iter=2"])
+        op, _, model = build_problem(cfg)
+        y = op(torch.rand(3, *op.in_shape, dtype=torch.float64)).float()
+        out = model(y, torch.zeros(3, *op.in_shape))
+        loss = out.square().sum() + sum(p.square().sum() for p in model.parameters())  # zero-init nets need a push
+        loss.backward()
+        assert out.shape == (3, *op.in_shape) and math.isfinite(loss.item())
+        assert model.data_fit.kind == kind and ("scale" in model.state_dict() or "data_fit.scale" in model.state_dict()) == (kind != "raw")
