@@ -1,44 +1,167 @@
-"""Atomic checkpoint files and RNG state capture."""
+"""Checkpoint files: plain data only, loaded with ``torch.load(weights_only=True)``; atomic writes; RNG states.
+
+A checkpoint is a dict of tensors, numbers, strings, None, lists/tuples and dicts (the config as
+plain data, ``OmegaConf.to_container``). Nothing in it is a pickled Python object, so loading a
+checkpoint someone shares cannot run code: :func:`load` uses ``weights_only=True`` and refuses
+anything else with a one-line :class:`CheckpointError` naming the file. Checkpoints written before
+this format (NumPy RNG state pickled as an array) are refused too; convert one you trust with
+
+    python -m deepunroll.train.checkpoint --upgrade PATH [PATH ...]
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
 import random
+import re
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+REQUIRED = ("model", "config")  # what every deepunroll checkpoint holds (load_model reads both)
+PLAIN_SCALARS = (str, int, float, bool, type(None))
+PLAIN_TORCH = (torch.Tensor, torch.Size, torch.dtype, torch.device)
+
+
+class CheckpointError(ValueError):
+    """A file is not a deepunroll checkpoint, or it needs unsafe (pickle) loading."""
+
+
+def check_plain(obj, where: str = "checkpoint") -> None:
+    """TypeError naming the entry (e.g. ``checkpoint['history'][0]['lr']``) that torch.load(weights_only=True)
+    could not read back: anything but tensors, numbers, strings, None, lists, tuples and dicts."""
+    if type(obj) in PLAIN_SCALARS or isinstance(obj, PLAIN_TORCH):  # exact types: np.float64 is a float
+        return
+    if type(obj) in (list, tuple):
+        for i, item in enumerate(obj):
+            check_plain(item, f"{where}[{i}]")
+        return
+    if type(obj) in (dict, OrderedDict):  # state_dicts are OrderedDicts
+        for key, value in obj.items():
+            if type(key) not in (str, int):
+                raise TypeError(f"{where} has a key {key!r} of type {type(key).__name__}; "
+                                f"checkpoints hold only str/int keys")
+            check_plain(value, f"{where}[{key!r}]")
+        return
+    raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; checkpoints hold only "
+                    f"tensors, numbers, strings, lists and dicts (torch.load(weights_only=True))")
+
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``."""
+    """Check that ``obj`` is plain data, torch.save it to a temporary file beside ``path``, rename over ``path``."""
+    check_plain(obj)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def load(path: Path, device: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by :func:`save_atomic` (trusted files: it holds RNG states and configs)."""
-    return torch.load(path, map_location=device, weights_only=False)
+def _first_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())  # one line
+    return f"{type(error).__name__}: {text[:160]}" if text else type(error).__name__
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint with ``torch.load(weights_only=True)``; :class:`CheckpointError` (one line, naming
+    the file) for a file that is not a deepunroll checkpoint or that holds a pickled Python object."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    device = torch.device(device)  # a bad device fails here, not as "not a checkpoint" below
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"cannot load {path} onto {device}: no CUDA device is available")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if found:
+            raise CheckpointError(
+                f"{path}: refused to load: it holds a pickled Python object ({found.group(1)}), which could run "
+                f"code; deepunroll checkpoints hold only tensors and plain data. If it is an older deepunroll "
+                f"checkpoint from a source you trust, convert it with "
+                f"`python -m deepunroll.train.checkpoint --upgrade {path}`") from None
+        raise CheckpointError(f"{path} is not a deepunroll checkpoint (torch.load: {_first_line(error)})") from None
+    except Exception as error:  # noqa: BLE001  (text, truncated zip, empty file: torch raises many kinds)
+        raise CheckpointError(f"{path} is not a deepunroll checkpoint (torch.load: {_first_line(error)})") from None
+    if not isinstance(state, dict) or not all(k in state for k in REQUIRED):
+        what = f"a dict with keys {sorted(map(str, state))[:6]}" if isinstance(state, dict) else \
+            f"a {type(state).__name__}"
+        raise CheckpointError(f"{path} is not a deepunroll checkpoint (it holds {what}, without "
+                              f"{' and '.join(repr(k) for k in REQUIRED)})")
+    return state
 
 
 def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Torch, NumPy, Python (and CUDA) generator states as tensors, numbers and lists."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def restore_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"].cpu())
+    n = states["numpy"]
+    np.random.set_state((n["bit_generator"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def upgrade(path: str | Path) -> bool:
+    """Rewrite an older checkpoint (NumPy RNG state as a pickled array) in the plain format, in place.
+
+    Loads with ``weights_only=False``, i.e. runs whatever the file's pickle says: only for files you
+    trust. Returns False (file untouched) if it already loads with ``weights_only=True``.
+    """
+    path = Path(path)
+    try:
+        load(path)
+        return False
+    except CheckpointError:
+        pass
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or not all(k in state for k in REQUIRED):
+        raise CheckpointError(f"{path} is not a deepunroll checkpoint (no {' and '.join(map(repr, REQUIRED))})")
+    rng = state.get("rng", {})
+    if isinstance(rng.get("numpy"), tuple):
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        rng["numpy"] = {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
+                        "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    if isinstance(rng.get("python"), tuple):
+        version, internal, gauss_next = rng["python"]
+        rng["python"] = {"version": version, "internal": list(internal), "gauss_next": gauss_next}
+    save_atomic(state, path)  # raises TypeError naming any entry that is still not plain data
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m deepunroll.train.checkpoint", description=__doc__.split("\n")[0])
+    parser.add_argument("--upgrade", nargs="+", metavar="PATH", required=True,
+                        help="rewrite these trusted older checkpoints in the plain (weights_only) format")
+    for path in parser.parse_args(argv).upgrade:
+        print(f"{path}: {'converted' if upgrade(path) else 'already in the plain format'}")
+
+
+if __name__ == "__main__":
+    main()

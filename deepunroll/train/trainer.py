@@ -130,7 +130,8 @@ class Trainer:
         if not hasattr(self.model, "diagnostics"):
             return {}
         batch = next(iter(self._loader(dataset, None)))
-        return self.model.diagnostics(batch["y"].to(self.device), batch["x0"].to(self.device))
+        values = self.model.diagnostics(batch["y"].to(self.device), batch["x0"].to(self.device))
+        return {name: float(value) for name, value in values.items()}  # plain numbers in checkpoints
 
     def _train_epoch(self, train_set: Dataset, writer: SummaryWriter) -> float:
         self.model.train()
