@@ -1,4 +1,5 @@
-"""What a run directory records about itself: resolved config, git commit, package versions."""
+"""What a run directory records about itself (resolved config, git commit, package versions), and how the
+scripts report a user's error (one line, the traceback only with ``HYDRA_FULL_ERROR=1``)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,38 @@ def write_run_record(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_record.json").write_text(json.dumps(record, indent=2, default=str))
     return record
+
+
+# ------------------------------------------------------------------ command-line errors
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "fix your command or your files", not "bug": each names the key or file in one line."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    from deepunroll.config_checks import ConfigError
+    from deepunroll.data.h5 import DatasetError
+    from deepunroll.train.checkpoint import CheckpointError
+    from deepunroll.train.trainer import ExistingRunError, NonFiniteLossError
+
+    return (ConfigError, CheckpointError, DatasetError, ExistingRunError, NonFiniteLossError, FileNotFoundError,
+            MissingMandatoryValue)
+
+
+def report_errors(main):
+    """Decorate a script's Hydra task function: a user error (:func:`user_errors`) is printed as its one-line
+    message on stderr and the script exits with status 1; ``HYDRA_FULL_ERROR=1`` shows the full traceback."""
+    import functools
+    import os
+    import sys
+
+    @functools.wraps(main)
+    def wrapped(cfg):
+        try:
+            return main(cfg)
+        except user_errors() as error:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            print(f"error: {lines[0]}", file=sys.stderr)  # OmegaConf adds full_key/object_type lines
+            sys.exit(1)
+
+    return wrapped

@@ -6,9 +6,11 @@ from omegaconf import DictConfig
 
 from deepunroll.config_checks import validate
 from deepunroll.data.make import ensure_dataset
+from deepunroll.record import report_errors
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+@report_errors
 def main(cfg: DictConfig) -> None:
     validate(cfg)
     path = ensure_dataset(cfg.data, instantiate(cfg.operator))

@@ -11,6 +11,7 @@ splits the runs between the two processes; `workers=2` does that for you (study=
 
 import importlib
 import inspect
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +21,39 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
+import deepunroll.studies
+from deepunroll.config_checks import ConfigError
+from deepunroll.record import report_errors
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-@hydra.main(config_path="../configs", config_name="reproduce", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    torch.set_num_threads(int(cfg.threads))
+def load_study(cfg: DictConfig):
+    """The study module after checking study, profile, workers and threads (ConfigError naming the key)."""
+    for key in ("workers", "threads"):
+        value = cfg[key]
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ConfigError(f"{key}={value!r}: expected a positive integer")
+    names = [m.name for m in pkgutil.iter_modules(deepunroll.studies.__path__)]
+    studies = [n for n in names if hasattr(importlib.import_module(f"deepunroll.studies.{n}"), "run")]
+    if cfg.study not in studies:
+        raise ConfigError(f"study={cfg.study!r}: expected one of {', '.join(sorted(studies))}")
     study = importlib.import_module(f"deepunroll.studies.{cfg.study}")
+    if hasattr(study, "PROFILES"):
+        known = sorted(study.PROFILES)
+    else:  # study=rma: configs/reproduce/rma_<profile>.yaml
+        known = sorted(p.stem.removeprefix(f"{cfg.study}_") for p in (REPO / "configs" / "reproduce").glob(
+            f"{cfg.study}_*.yaml"))
+    if cfg.profile not in known:
+        raise ConfigError(f"profile={cfg.profile!r}: expected one of {', '.join(known)} for study={cfg.study}")
+    return study
+
+
+@hydra.main(config_path="../configs", config_name="reproduce", version_base="1.3")
+@report_errors
+def main(cfg: DictConfig) -> None:
+    study = load_study(cfg)
+    torch.set_num_threads(int(cfg.threads))
     out_dir = Path(cfg.out_dir) if cfg.out_dir else REPO
     kwargs = {}
     if cfg.runs_dir and "runs_dir" in inspect.signature(study.run).parameters:

@@ -15,11 +15,13 @@ from omegaconf import DictConfig
 
 from deepunroll.evaluation import evaluate_to_files, format_table
 from deepunroll.pipeline import train
+from deepunroll.record import report_errors
 from deepunroll.train import distributed
 from deepunroll.train.trainer import resolve_device
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+@report_errors
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(cfg, run_dir)

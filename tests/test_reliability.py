@@ -54,6 +54,30 @@ def test_typo_fails_before_any_work(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("script,args,message", [
+    ("scripts/train.py", ["net.n_iter=-2"], "error: net.n_iter=-2: expected a positive integer"),
+    ("scripts/make_data.py", ["data.noise=-0.1"], "error: data.noise=-0.1: expected a number >= 0"),
+    ("scripts/evaluate.py", ["checkpoint=x.pt", "split=dev"], "error: split='dev': expected one of train, val, test"),
+    ("scripts/evaluate.py", [], "error: checkpoint: missing; pass checkpoint=PATH or 'checkpoint=[PATH_A,PATH_B]'"),
+    ("scripts/reproduce.py", ["profile=huge"], "error: profile='huge': expected one of paper, quick, tiny for study=rma"),
+    ("scripts/reproduce.py", ["study=rmaa"], "error: study='rmaa': expected one of argmin, equilibrium, rma"),
+])
+def test_config_errors_are_one_line_in_every_script(tmp_path, script, args, message):
+    """The message alone on stderr, exit status 1, nothing written; the traceback only with HYDRA_FULL_ERROR=1."""
+    done = run_script(script, *args, f"data.root={tmp_path}" if "data" in script or "train" in script else
+                      f"out_dir={tmp_path}" if "reproduce" in script else f"out={tmp_path}")
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [message], done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_full_traceback_with_hydra_full_error(tmp_path):
+    env = os.environ | {"HYDRA_FULL_ERROR": "1"}
+    done = subprocess.run([sys.executable, "scripts/train.py", "net.n_iter=-2", f"data.root={tmp_path}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1 and "Traceback (most recent call last)" in done.stderr
+    assert "deepunroll.config_checks.ConfigError: net.n_iter=-2: expected a positive integer" in done.stderr
+
+
 RESUME = ["+experiment=toy_lpgd_ma", "net.n_iter=4", "train.epochs=5", "train.batch_size=16", "train.device=cpu",
           "data.splits.train=512", "data.splits.val=32", "data.splits.test=32"]
 
