@@ -1,6 +1,7 @@
 """ArgminLayer: every backward against closed forms (float64), the shipped energies, the discrete layer."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -102,6 +103,36 @@ def test_lagrangian_central_is_exact_on_tikhonov():
         layer = ArgminLayer(Tikhonov(matrix), GradientDescent(400), backward="lagrangian", tau=tau)
         for ours, ref in zip(layer_grads(layer, c, y, w), exact):
             assert rel_err(ours, ref) < 1e-9
+
+
+@pytest.mark.parametrize("tol,bound", [(1e-4, 2e-4), (1e-8, 1e-8)])
+def test_lagrangian_solver_tolerance_holds_at_any_tau(tol, bound):
+    """The perturbed solve's stop rule is relative to its O(tau) move from x*, not to ||x||: the gradient
+    error is O(tol) at every tau. Measured (central, max over y and w): tol 1e-4 -> 3e-5 ... 1.0e-4,
+    tol 1e-8 -> 3.3e-9 ... 4.5e-9. A rule relative to ||x|| stopped the tau = 1e-4 solve after one step:
+    76 % error; it is the same solver and tolerance here."""
+    matrix, y, w, c, exact = tikhonov_case()
+    for tau in [1e-1, 1e-2, 1e-4, 1e-6]:
+        solver = GradientDescent(2000, tol=tol)
+        layer = ArgminLayer(Tikhonov(matrix), solver, backward="lagrangian", tau=tau)
+        for ours, ref in zip(layer_grads(layer, c, y, w), exact):
+            assert rel_err(ours, ref) < bound, tau
+        assert solver.n_iter_run > 10  # the last perturbed solve did iterate
+
+
+def test_one_sided_lagrangian_warns_when_tol_is_not_far_below_tau():
+    """One-sided differences divide the forward solve's error by tau: warned, and the warning is real."""
+    matrix, y, w, c, exact = tikhonov_case()
+    with pytest.warns(UserWarning, match=r"side='right' with solver tol=0.0001 > tau/100 \(tau=0.0001\)"):
+        warned = ArgminLayer(Tikhonov(matrix), GradientDescent(2000, tol=1e-4), backward="lagrangian", tau=1e-4,
+                             side="right")
+    assert rel_err(layer_grads(warned, c, y, w)[1], exact[1]) > 0.3  # measured 0.50
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = ArgminLayer(Tikhonov(matrix), GradientDescent(2000, tol=1e-8), backward="lagrangian", tau=1e-4,
+                            side="right")
+        ArgminLayer(Tikhonov(matrix), GradientDescent(2000, tol=1e-4), backward="lagrangian", tau=1e-4)  # central
+    assert rel_err(layer_grads(quiet, c, y, w)[1], exact[1]) < 3e-4  # measured 2.1e-4 (O(tau) = 1.55e-4)
 
 
 @pytest.mark.parametrize("side, order", [("left", 1), ("right", 1), ("central", 2)])

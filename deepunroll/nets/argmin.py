@@ -15,13 +15,19 @@ backward:
                        central: (grad_theta E(x_+tau) - grad_theta E(x_-tau)) / (2 tau).
                        -> (dx*/dtheta)^T g as tau -> 0 on smooth strongly convex E (error O(tau),
                        central O(tau^2)); at finite tau the gradient of a smoothed loss, non-zero
-                       where the true derivative vanishes (discrete layers).
+                       where the true derivative vanishes (discrete layers). A solver tolerance
+                       is measured against the O(tau) move from x* (``GradientDescent``,
+                       ``relative_to_start``), so the gradient error is O(tol) at any tau for
+                       central; one-sided variants also divide the forward solve's error by tau
+                       (a warning when tol > tau / 100).
   ``straight_through`` identity backward: g goes to theta[0] (which must be shaped like x).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -47,7 +53,12 @@ class GradientDescent:
     x_{k+1} = v_k - step grad_x E(v_k), v_{k+1} = x_{k+1} + (t_k - 1) / t_{k+1} (x_{k+1} - x_k), with
     per-sample adaptive restart (t = 1 where <v_k - x_{k+1}, x_{k+1} - x_k> > 0). step = 1 /
     energy.lipschitz(*theta) unless given. Stops after n_iter, or once every sample has
-    ||x_{k+1} - x_k|| <= tol ||x_{k+1}|| (tol > 0). ``n_iter_run`` records the iterations done.
+    ||x_{k+1} - x_k|| <= tol ||x_{k+1}|| (tol > 0); with ``relative_to_start=True`` once
+    ||x_{k+1} - x_k|| <= tol ||x_{k+1} - x0||, the distance travelled from the warm start. The
+    Lagrangian backward uses the latter: its perturbed solve starts at x* and moves O(tau), so a rule
+    relative to ||x|| would stop it after one step when tau <~ tol (the gradient then is mostly
+    solver error / tau); relative to the displacement, the error stays O(tol) at any tau.
+    ``n_iter_run`` records the iterations done.
     """
 
     def __init__(self, n_iter: int = 100, step: float | None = None, accelerated: bool = True, tol: float = 0.0):
@@ -60,7 +71,7 @@ class GradientDescent:
         self.n_iter, self.step, self.accelerated, self.tol = int(n_iter), step, bool(accelerated), float(tol)
         self.n_iter_run = 0
 
-    def __call__(self, energy, theta, x0, linear=None, create_graph=False):
+    def __call__(self, energy, theta, x0, linear=None, create_graph=False, relative_to_start=False):
         """x (B, ...) ~ argmin_x E(x; *theta) + <linear, x>; differentiable in theta iff create_graph."""
         if self.step is not None:
             step = torch.as_tensor(self.step, dtype=x0.dtype, device=x0.device)
@@ -83,8 +94,10 @@ class GradientDescent:
                 v = x_new
             change = (x_new - x).detach().flatten(1).norm(dim=1)
             x = x_new
-            if self.tol > 0 and bool((change <= self.tol * x.detach().flatten(1).norm(dim=1)).all()):
-                break
+            if self.tol > 0:
+                scale = (x - x0 if relative_to_start else x).detach().flatten(1).norm(dim=1)
+                if bool((change <= self.tol * scale).all()):
+                    break
         self.n_iter_run = k + 1
         return x
 
@@ -170,6 +183,12 @@ class ArgminLayer(nn.Module):
             raise ValueError(f"ArgminLayer: need cg_iters >= 1 and cg_tol >= 0, got {cg_iters}, {cg_tol}")
         self.energy, self.solver, self.backward = energy, solver, backward
         self.tau, self.side, self.cg_iters, self.cg_tol = float(tau), side, int(cg_iters), float(cg_tol)
+        tol = float(getattr(solver, "tol", 0.0))
+        if backward == "lagrangian" and side != "central" and tol > 0.01 * tau:
+            warnings.warn(f"ArgminLayer: lagrangian side={side!r} with solver tol={tol:g} > tau/100 (tau={tau:g}): "
+                          f"the one-sided difference divides the forward solve's error by tau (relative gradient "
+                          f"error of order tol/tau = {tol / tau:.1g}); use side='central', which cancels it, or a "
+                          f"solver tol <= tau/100", stacklevel=2)
 
     def forward(self, *theta: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
         """x*(theta), solved from the warm start x0 (default energy.init(*theta))."""
@@ -192,8 +211,12 @@ class ArgminLayer(nn.Module):
         return [next(grads) if n else None for n in needs]
 
     def _lagrangian(self, x, theta, params, g, needs):
+        # a solver with a relative stop rule measures it against the O(tau) move from x* (GradientDescent)
+        takes = "relative_to_start" in inspect.signature(self.solver).parameters
+        extra = {"relative_to_start": True} if takes else {}
+
         def perturbed(sign):
-            x_tau = self.solver(self.energy, theta, x, linear=sign * self.tau * g)
+            x_tau = self.solver(self.energy, theta, x, linear=sign * self.tau * g, **extra)
             return self._grad_theta(x_tau, theta, params, needs)
 
         plus = perturbed(+1.0) if self.side in ("right", "central") else self._grad_theta(x, theta, params, needs)
