@@ -59,15 +59,47 @@ def test_second_call_skips_finished_runs_and_script_entry_point(tiny_run, monkey
     assert len(list(csv.DictReader(open(out / "results" / "toy_sweep.csv")))) == 2
 
 
-def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
-    """A run without result.json but with checkpoints/last.pt continues with train.resume=true."""
-    overrides, run_dir, info = rma.plan("toy", rma.load_profile("tiny")["sweeps"]["toy"], tmp_path,
-                                        tmp_path / "runs")[0]
-    first = common.run_one(overrides, run_dir, info)
-    (run_dir / common.RESULT).unlink()
+class Interrupted(RuntimeError):
+    """Stands in for a kill right after a checkpoint was written."""
+
+
+def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """A run stopped after epoch 1 of 2 (checkpoints/last.pt, no result.json) continues from epoch 1 with
+    train.resume=true, trains only epoch 2, and ends exactly where an uninterrupted run ends."""
+    from deepunroll.train import checkpoint
+
+    profile = rma.load_profile("tiny")["sweeps"]["toy"]
+    overrides, run_dir, info = rma.plan("toy", profile, tmp_path, tmp_path / "runs")[0]
+    _, reference_dir, _ = rma.plan("toy", profile, tmp_path, tmp_path / "reference")[0]
+    reference = common.run_one(overrides, reference_dir, info)
+    assert reference["epochs"] == 2 and not reference["resumed"]
+
+    save = checkpoint.save_atomic
+
+    def save_then_die(state, path):
+        save(state, path)
+        if path.name == "last.pt":
+            raise Interrupted(f"killed after epoch {state['epoch']}")
+
+    monkeypatch.setattr(checkpoint, "save_atomic", save_then_die)
+    with pytest.raises(Interrupted, match="killed after epoch 1"):
+        common.run_one(overrides, run_dir, info)
+    monkeypatch.setattr(checkpoint, "save_atomic", save)
+    assert not (run_dir / common.RESULT).exists() and not (run_dir / "claim.pid").exists()
+    first_epoch = checkpoint.load(run_dir / "checkpoints" / "last.pt")["history"]
+    assert [h["epoch"] for h in first_epoch] == [1]
+    capsys.readouterr()
+
     again = common.run_one(overrides, run_dir, info)
-    assert again["resumed"] and again["epochs"] == first["epochs"]
-    assert again["scores"]["mse_mean"] == pytest.approx(first["scores"]["mse_mean"])
+    out = capsys.readouterr().out
+    assert f"resuming {run_dir} from its checkpoint after epoch 1" in out
+    assert "epoch   1/2" not in out and "epoch   2/2" in out  # only epoch 2 was trained
+    assert again["resumed"] and again["epochs"] == 2
+    history = checkpoint.load(run_dir / "checkpoints" / "last.pt")["history"]
+    assert history[0] == first_epoch[0]
+    reference_history = checkpoint.load(reference_dir / "checkpoints" / "last.pt")["history"]
+    assert history == reference_history
+    assert again["scores"] == reference["scores"]
 
 
 def test_paired_statistics():
