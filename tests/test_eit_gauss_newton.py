@@ -37,7 +37,7 @@ def setup_small():
 def test_matches_pyeit_published_call(setup_small):
     mesh, prot, op, sigma, voltages = setup_small
     ours = GaussNewton()(op, voltages).numpy()
-    assert rel(ours, pyeit_gn(mesh, prot, voltages.numpy())) < 1e-6
+    assert rel(ours, pyeit_gn(mesh, prot, voltages.numpy())) < 5e-12  # measured 7.4e-14
     assert rel(ours, sigma.numpy()) < rel(np.ones_like(ours), sigma.numpy())  # it reconstructs something
 
 
@@ -45,7 +45,7 @@ def test_matches_pyeit_published_call(setup_small):
 def test_matches_pyeit_other_regularisers(setup_small, method):
     mesh, prot, op, _, voltages = setup_small
     ours = GaussNewton(method=method)(op, voltages[:1]).numpy()
-    assert rel(ours, pyeit_gn(mesh, prot, voltages[:1].numpy(), method=method)) < 1e-6
+    assert rel(ours, pyeit_gn(mesh, prot, voltages[:1].numpy(), method=method)) < 5e-11  # measured lm 2.5e-14, dgn 7.4e-13
 
 
 @pytest.mark.slow
@@ -53,7 +53,7 @@ def test_matches_pyeit_published_mesh():
     mesh, prot = pyeit.mesh.create(16, h0=0.1), pyeit.eit.protocol.create(16, 1, 1, "std")
     op = EIT.from_pyeit(mesh, prot)
     voltages = op(phantoms(op, 1, seed=1, n_inclusions=4))
-    assert rel(GaussNewton()(op, voltages).numpy(), pyeit_gn(mesh, prot, voltages.numpy())) < 1e-6
+    assert rel(GaussNewton()(op, voltages).numpy(), pyeit_gn(mesh, prot, voltages.numpy())) < 1e-11  # measured 1.3e-13
 
 
 def test_electrode_subset_matches_pyeit():
@@ -63,7 +63,7 @@ def test_electrode_subset_matches_pyeit():
     mesh = PyEITMesh(node=full.node, element=full.element, el_pos=full.el_pos[electrodes], ref_node=full.ref_node)
     prot = pyeit.eit.protocol.create(8, 1, 1, "std")
     voltages = op(phantoms(op, 1, seed=2))
-    assert rel(GaussNewton()(op, voltages).numpy(), pyeit_gn(mesh, prot, voltages.numpy())) < 1e-6
+    assert rel(GaussNewton()(op, voltages).numpy(), pyeit_gn(mesh, prot, voltages.numpy())) < 3e-12  # measured 3.7e-14
 
 
 def test_meas_fraction_matches_numpy_gn_on_pyeit_jacobian_rows():
@@ -80,7 +80,7 @@ def test_meas_fraction_matches_numpy_gn_on_pyeit_jacobian_rows():
         j_w_j = jac.T @ jac
         x = x - np.linalg.solve(j_w_j + lamb * np.diag(np.diag(j_w_j) ** 0.25), jac.T @ r0)
         lamb = max(lamb * 0.1, 1e-5)
-    assert rel(GaussNewton()(op, voltages)[0].numpy(), x) < 1e-6
+    assert rel(GaussNewton()(op, voltages)[0].numpy(), x) < 5e-12  # measured 5.6e-14
 
 
 def test_batched_equals_per_sample_and_chunking_is_invisible():

@@ -52,8 +52,9 @@ def test_vjp_and_jacobian_vs_autograd_and_finite_differences(x64, a):
     op = NonlinearConv1d(a=a)
     vjp_errors = op.check_vjp(x64)
     jac_errors = op.check_jacobian(x64)
-    assert vjp_errors["autograd"] < 1e-13 and vjp_errors["finite_difference"] < 1e-8
-    assert jac_errors["autograd"] < 1e-13 and jac_errors["finite_difference"] < 1e-8
+    # measured: autograd <= 1.7e-16, finite differences <= 2.8e-10
+    assert vjp_errors["autograd"] < 1e-14 and vjp_errors["finite_difference"] < 1e-8
+    assert jac_errors["autograd"] < 1e-14 and jac_errors["finite_difference"] < 1e-8
 
 
 def test_asymmetric_w1_uses_exact_derivative(x64):
@@ -68,7 +69,7 @@ def test_misfit_grad_and_dtype_device(x64):
     op = NonlinearConv1d(a=1.5)
     y = torch.randn(4, 12, dtype=torch.float64)
     expected = op.jacobian(x64).transpose(1, 2) @ (op(x64) - y)[..., None]
-    torch.testing.assert_close(op.misfit_grad(x64, y), expected[..., 0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(op.misfit_grad(x64, y), expected[..., 0], rtol=1e-14, atol=1e-14)  # measured 0
     x32 = x64.float()
     assert op(x32).dtype == torch.float32 and op.vjp(x32, y.float()).dtype == torch.float32
 
