@@ -36,7 +36,7 @@ def test_operator_norm_is_the_largest_singular_value(toy, coarse_eit):
         assert approx <= exact * (1 + 1e-12) and approx == pytest.approx(exact, rel=2e-3)
 
 
-def test_scaled_and_normalized_are_the_raw_gradient_rescaled(toy):
+def test_scaled_and_normalised_are_the_raw_gradient_rescaled(toy):
     op, x, y = toy
     raw = op.misfit_grad(x, y)
     scaled = DataFit(op, "scaled")
@@ -45,7 +45,7 @@ def test_scaled_and_normalized_are_the_raw_gradient_rescaled(toy):
     d, aux = scaled.misfit_direction(op, x, y)
     torch.testing.assert_close(d, raw / c**2, rtol=1e-13, atol=0)
     assert aux is None
-    d, aux = DataFit(op, "normalized").misfit_direction(op, x, y)
+    d, aux = DataFit(op, "scaled", normalize=True).misfit_direction(op, x, y)
     rms = (raw / c**2).square().mean(1).sqrt()
     torch.testing.assert_close(d, raw / (raw.square().mean(1, keepdim=True).sqrt()), rtol=1e-13, atol=0)
     torch.testing.assert_close(aux, rms.log10(), rtol=1e-13, atol=0)
@@ -119,14 +119,17 @@ def test_bad_direction_settings_name_the_key(toy):
         DataFit(toy[0], "newton")
     with pytest.raises(ValueError, match=r"net.direction_damping=0"):
         DataFit(toy[0], "gauss_newton", damping=0)
+    with pytest.raises(ValueError, match=r"net.direction_normalize=true needs net.direction=scaled or gauss_newton"):
+        DataFit(toy[0], "raw", normalize=True)
     with pytest.raises(ValueError, match=r"net.direction='gn'; expected one of"):
         build_problem(compose_config(["+experiment=toy_lpgd", "net.direction=gn"]))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_every_kind_builds_and_runs_lpgd_and_lpd(kind):
-    for experiment in ("toy_lpgd_rma", "toy_lpd_rma"):
-        cfg = compose_config([f"+experiment={experiment}", f"net.direction={kind}", "net.n_iter=2"])
+@pytest.mark.parametrize("kind,normalize", [(k, False) for k in KINDS] + [("scaled", True), ("gauss_newton", True)])
+def test_every_kind_builds_and_runs_lpgd_and_lpd(kind, normalize):
+    for experiment in ("toy_lpgd_rma", "toy_lpd_rma", "toy_pnp"):
+        cfg = compose_config([f"+experiment={experiment}", f"net.direction={kind}", f"net.direction_normalize={normalize}",
+                              "net.n_iter=2"])
         op, _, model = build_problem(cfg)
         y = op(torch.rand(3, *op.in_shape, dtype=torch.float64)).float()
         out = model(y, torch.zeros(3, *op.in_shape))

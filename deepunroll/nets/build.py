@@ -26,11 +26,13 @@ def build_model(net_cfg: DictConfig, accel_cfg: DictConfig, operator: ForwardOpe
 
     Optional keys: ``net.backprop`` (full | checkpoint | jfb | restarted_jfb | deq), ``net.fixed_point.*``
     (their settings), ``net.spectral_norm`` (bound on every convolution kernel's norm; null: off),
-    ``net.direction`` (raw | scaled | normalized | gauss_newton; absent: raw, as in checkpoints written
-    before it existed) and ``net.direction_damping`` (gauss_newton's lambda / mean diag(J J^T)).
+    ``net.direction`` (raw | scaled | gauss_newton; absent: raw, as in checkpoints written before it
+    existed), ``net.direction_damping`` (gauss_newton's lambda / mean diag(J J^T)) and
+    ``net.direction_normalize`` (per-sample rms normalisation, magnitude as an extra channel).
     """
     n_iter = net_cfg.n_iter
-    data_fit = DataFit(operator, net_cfg.get("direction", "raw"), net_cfg.get("direction_damping", 0.01))
+    data_fit = DataFit(operator, net_cfg.get("direction", "raw"), net_cfg.get("direction_damping", 0.01),
+                       net_cfg.get("direction_normalize", False))
     step = instantiate(net_cfg.step, **_shape_kwargs(net_cfg.step, operator, n_iter, data_fit.aux_channels))
     if net_cfg.get("spectral_norm") is not None:
         from deepunroll.nets.lipschitz import spectral_normalise

@@ -7,16 +7,16 @@ information at order one. With c = ||J(x_ref)||_2 (spectral norm at the operator
 :meth:`ForwardOperator.reference_point`) and y_ref = F(x_ref), every kind but ``raw`` works with the
 normalised operator F~(x) = (F(x) - y_ref) / c, whose Jacobian J / c has norm one at x_ref:
 
-========== ======================================= ======================== ==========================
-kind       misfit direction (LPGD, MA, RMA, PnP)   LPD dual inputs F(x), y  LPD primal input from h
-========== ======================================= ======================== ==========================
-raw        J^T r  (published; r = F(x) - y)         F(x), y                  J^T h
-scaled     J^T r / c^2                              F~(x), y~                J^T h / c
-normalized J^T r / rms(J^T r), log10 rms(J^T r/c^2) F~(x), y~                J^T h / c
-           as an extra block channel (LPGD)
-gauss_newton J^T (J J^T + lam I)^{-1} r             F~(x), y~                c J^T (J J^T + lam I)^{-1} h
-========== ======================================= ======================== ==========================
+============ ===================================== ======================== ============================
+kind         misfit direction (LPGD, MA, RMA, PnP) LPD dual inputs F(x), y  LPD primal input from h
+============ ===================================== ======================== ============================
+raw          J^T r  (published; r = F(x) - y)      F(x), y                  J^T h
+scaled       J^T r / c^2                           F~(x), y~                J^T h / c
+gauss_newton J^T (J J^T + lam I)^{-1} r            F~(x), y~                c J^T (J J^T + lam I)^{-1} h
+============ ===================================== ======================== ============================
 
+``normalize`` (scaled, gauss_newton): the misfit direction d is divided by its per-sample rms, and
+log10 rms(d) goes to LPGD's blocks as an extra constant channel, so its magnitude is not lost.
 ``gauss_newton``: lam = ``damping`` x mean(diag(J J^T)) per sample (scale-free); the M x M system
 (M measurements) is solved by one batched Cholesky per iterate, J from ``operator.linearize``.
 """
@@ -28,7 +28,7 @@ from torch import nn
 
 from deepunroll.operators.base import ForwardOperator
 
-KINDS = ("raw", "scaled", "normalized", "gauss_newton")
+KINDS = ("raw", "scaled", "gauss_newton")
 
 
 class DataFit(nn.Module):
@@ -37,13 +37,16 @@ class DataFit(nn.Module):
     was trained with. ``raw`` holds no buffers (checkpoints written before this module load unchanged).
     """
 
-    def __init__(self, operator: ForwardOperator, kind: str = "raw", damping: float = 0.01, power_iters: int = 100) -> None:
+    def __init__(self, operator: ForwardOperator, kind: str = "raw", damping: float = 0.01, normalize: bool = False,
+                 power_iters: int = 100) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"net.direction={kind!r}; expected one of {list(KINDS)}")
         if not damping > 0:
             raise ValueError(f"net.direction_damping={damping}; expected > 0 (fraction of mean diag(J J^T))")
-        self.kind, self.damping = kind, float(damping)
+        if normalize and kind == "raw":
+            raise ValueError("net.direction_normalize=true needs net.direction=scaled or gauss_newton (raw is the published input)")
+        self.kind, self.damping, self.normalize = kind, float(damping), bool(normalize)
         self.disabled = False  # set by deepunroll.ablation.data_term_removed: every direction returns zeros
         if kind != "raw":
             x_ref = operator.reference_point().to(torch.float64)
@@ -54,12 +57,13 @@ class DataFit(nn.Module):
 
     @property
     def aux_channels(self) -> int:
-        """Extra per-sample channels the direction hands to LPGD's blocks (1 for ``normalized``)."""
-        return 1 if self.kind == "normalized" else 0
+        """Extra per-sample channels the direction hands to LPGD's blocks (1 with ``normalize``)."""
+        return 1 if self.normalize else 0
 
     def extra_repr(self) -> str:
         scale = "" if self.kind == "raw" else f", scale={float(self.scale):.4g}"
-        return f"kind={self.kind}{scale}" + (f", damping={self.damping}" if self.kind == "gauss_newton" else "")
+        damping = f", damping={self.damping}" if self.kind == "gauss_newton" else ""
+        return f"kind={self.kind}{scale}{damping}" + (", normalize=True" if self.normalize else "")
 
     # --------------------------------------------------- measurement space
     def measurements(self, v: torch.Tensor) -> torch.Tensor:
@@ -71,18 +75,19 @@ class DataFit(nn.Module):
     # ---------------------------------------------------------- directions
     def misfit_direction(self, operator: ForwardOperator, x: torch.Tensor, y: torch.Tensor):
         """(d, aux): the data-fit direction (B, *in_shape) at x (float64) for measurements y (float64);
-        aux (B,) or None (``normalized``: log10 of the rms of J^T r / c^2)."""
+        aux (B,) with ``normalize`` (log10 of d's rms before normalisation), else None."""
         if self.kind == "gauss_newton":
             predicted, jac = operator.linearize(x)
-            return _regularised_pseudo_inverse(jac, predicted - y, self.damping, x.shape), None
-        grad = operator.misfit_grad(x, y)
-        if self.kind == "raw":
-            return grad, None
-        grad = grad / self.scale**2
-        if self.kind == "scaled":
-            return grad, None
-        rms = grad.flatten(1).square().mean(1).sqrt().clamp_min(torch.finfo(grad.dtype).tiny)
-        return grad / rms.view(-1, *[1] * (grad.dim() - 1)), rms.log10()
+            d = _regularised_pseudo_inverse(jac, predicted - y, self.damping, x.shape)
+        else:
+            d = operator.misfit_grad(x, y)
+            if self.kind == "raw":
+                return d, None
+            d = d / self.scale**2
+        if not self.normalize:
+            return d, None
+        rms = d.flatten(1).square().mean(1).sqrt().clamp_min(torch.finfo(d.dtype).tiny)
+        return d / rms.view(-1, *[1] * (d.dim() - 1)), rms.log10()
 
     def adjoint_direction(self, operator: ForwardOperator, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The primal direction LPD builds from a measurement-space variable h (B, *out_shape)."""

@@ -22,6 +22,7 @@ import torch
 from deepunroll import metrics
 from deepunroll.pipeline import compose_config, load_datasets, load_model, train
 from deepunroll.tables import write_csv
+from deepunroll.train import checkpoint
 from deepunroll.train.memory import count_saved_bytes
 
 MODELS = {"pnp": ["+experiment=toy_pnp", "net.spectral_norm=0.5"], "lpgd_tied": ["+experiment=toy_lpgd_tied"]}
@@ -64,7 +65,7 @@ def one_run(model: str, mode: str, seed: int, profile: str, out_dir: Path) -> tu
     batch = slice(0, cfg.train.batch_size)
     _, saved = count_saved_bytes(net, y[batch].to(x.dtype), x0[batch])
     history = result["history"]
-    skipped = torch.load(result["last"], weights_only=False)["skipped_steps"]
+    skipped = checkpoint.load(Path(result["last"]))["skipped_steps"]
     row = {"model": model, "mode": mode, "seed": seed, "test_mse": float(metrics.mse(x_hat, x).mean()),
            "test_psnr": float(metrics.psnr(x_hat, x).mean()), "train_seconds": seconds, "saved_bytes": saved,
            "final_step_size": history[-1].get("step_size", ""), "final_lipschitz": history[-1].get("lipschitz", ""),
