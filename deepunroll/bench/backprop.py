@@ -29,7 +29,7 @@ COLUMNS = ["problem", "mode", "K", "saved_bytes", "step_seconds", "cuda_max_byte
 
 def measure(problem: str, mode: str, depth: int, batch: int, device: torch.device, repeats: int) -> dict:
     """One training step (forward, backward, Adam) of the weight-tied LPGD at depth K under ``mode``."""
-    overrides = [f"+experiment={EXPERIMENTS[problem]}", "net.step.share_weights=true", f"net.backprop={mode}",
+    overrides = [f"+experiment={EXPERIMENTS[problem]}", "net.direction=raw", "net.step.share_weights=true", f"net.backprop={mode}",
                  f"net.n_iter={depth}", "net.fixed_point.tol=0", "net.fixed_point.restarts=1", "net.fixed_point.m=1",
                  "net.fixed_point.backward_tol=1e-6", "net.fixed_point.backward_max_iter=50"]
     torch.manual_seed(0)

@@ -84,7 +84,7 @@ def eit_seed(seed: int, cfg: dict, out_dir: Path) -> tuple[list[dict], dict, tup
     from deepunroll.pipeline import build_problem, load_datasets
     from deepunroll.pipeline import compose_config
 
-    conf = compose_config(["+experiment=eit_lpgd_rma", f"operator.h0={cfg['h0']}",
+    conf = compose_config(["+experiment=eit_lpgd_rma", "net.direction=raw", f"operator.h0={cfg['h0']}",
                            f"data.splits.train={cfg['n_train']}", f"data.splits.val={cfg['n_val']}",
                            f"data.splits.test={cfg['n_test']}", f"data.n_train={cfg['n_train']}",
                            f"data.noise={cfg['noise']}", f"net.n_iter={cfg['n_iter']}", "train.device=cpu",

@@ -1,0 +1,184 @@
+"""Does an EIT network use the measurements? LPGD-RMA trained with each ``net.direction``, then ablated.
+
+    python scripts/reproduce.py study=physics_use profile=probe       # coarse mesh, all signals (~15 min)
+    python scripts/reproduce.py study=physics_use profile=published   # h0=0.1, 20 iterations (hours)
+
+For every run: test MSE and PSNR of Gauss-Newton (x0) and the network, and the network's test MSE with
+the data term removed (zero directions) and with another sample's measurements (same x0), as ratios
+(deepunroll.ablation). A post-processing network has both ratios 1.00. Writes
+results/physics_use_<profile>.{csv,md} and figures/physics_use_<profile>.png (validation curves).
+Runs are resumable (deepunroll.studies.common.run_one); ``report_only`` tabulates what is finished.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from deepunroll.studies.common import format_mean_std, markdown_table, paired, run_one, slug
+from deepunroll.tables import write_csv
+
+COARSE = ["operator.h0=0.15", "net.n_iter=5", "data.n_train=400", "train.epochs=10"]
+PUBLISHED = ["operator.h0=0.1", "net.n_iter=20", "data.n_train=400", "train.epochs=20"]
+GN = ["net.direction=gauss_newton"]
+
+PROFILES = {
+    "probe": {  # the signals side by side on a coarse mesh, one seed
+        "base": COARSE,
+        "variants": {
+            "raw (published)": ["net.direction=raw"],
+            "scaled": ["net.direction=scaled"],
+            "scaled, normalised": ["net.direction=scaled", "net.direction_normalize=true"],
+            "gauss_newton 0.1": GN + ["net.direction_damping=0.1"],
+            "gauss_newton 0.01": GN + ["net.direction_damping=0.01"],
+            "gauss_newton 0.001": GN + ["net.direction_damping=0.001"],
+            "gauss_newton 0.001, normalised": GN + ["net.direction_damping=0.001", "net.direction_normalize=true"],
+        },
+        "noise": [0.0],
+        "seeds": [0],
+    },
+    "tiny": {  # tests: a coarse 8-electrode mesh, two epochs
+        "base": ["operator.h0=0.3", "operator.n_electrodes=8", "data.splits.train=24", "data.splits.val=8",
+                 "data.splits.test=8", "data.n_train=24", "train.batch_size=8", "net.n_iter=2", "train.epochs=2"],
+        "variants": {"raw (published)": ["net.direction=raw"], "gauss_newton 0.001": GN + ["net.direction_damping=0.001"]},
+        "noise": [0.0],
+        "seeds": [0],
+    },
+    "published": {  # the published EIT setup (h0=0.1, 686 elements, 2 inclusions, n_train 400, 20 iterations)
+        "base": PUBLISHED,
+        "variants": {
+            "raw (published)": ["net.direction=raw"],
+            "gauss_newton 0.001": GN + ["net.direction_damping=0.001"],
+        },
+        "noise": [0.0, 0.01],
+        "seeds": [0, 1, 2],
+    },
+}
+COLUMNS = ["variant", "noise", "seed", "gn_mse", "net_mse", "gn_psnr", "net_psnr", "psnr_gain_db",
+           "no_data_term_ratio", "other_y_ratio", "epochs", "train_seconds", "git_commit"]
+
+
+def _ablation(result: dict, run_dir: Path) -> dict:
+    """physics_ablation of the run's best checkpoint on its test split, computed once (ablation.json)."""
+    path = run_dir / "ablation.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from deepunroll.ablation import physics_ablation
+    from deepunroll.pipeline import load_checkpoint_config, load_datasets, load_model
+
+    best = run_dir / "checkpoints" / "best.pt"
+    model = load_model(best)
+    test = load_datasets(load_checkpoint_config(best), model.operator, splits=("test",))["test"]
+    out = physics_ablation(model, test)
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _row(variant: str, noise: float, seed: int, result: dict, ablation: dict) -> dict:
+    base, net = result["baseline"], result["scores"]
+    return {"variant": variant, "noise": noise, "seed": seed, "gn_mse": base["mse_mean"], "net_mse": net["mse_mean"],
+            "gn_psnr": base["psnr_mean"], "net_psnr": net["psnr_mean"],
+            "psnr_gain_db": net["psnr_mean"] - base["psnr_mean"],
+            "no_data_term_ratio": ablation["no_data_term_ratio"], "other_y_ratio": ablation["other_y_ratio"],
+            "epochs": result["epochs"], "train_seconds": round(result["train_seconds"]),
+            "git_commit": result["git_commit"]}
+
+
+def run(profile: str, out_dir: Path, runs_dir: Path | None = None, report_only: bool = False) -> list[dict]:
+    spec = PROFILES[profile]
+    runs_dir = Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce"
+    rows, curves = [], {}
+    for seed in spec["seeds"]:  # seed outermost: a partial sweep holds complete paired comparisons
+        for noise in spec["noise"]:
+            for variant, extra in spec["variants"].items():
+                run_dir = runs_dir / f"physics_use_{profile}" / slug(f"{variant}_noise={noise}_seed={seed}")
+                overrides = ["+experiment=eit_lpgd_rma", *spec["base"], *extra, f"data.noise={noise}", f"seed={seed}",
+                             "train.device=cpu", "evaluate=false", f"data.root={runs_dir / 'data'}"]
+                done = run_dir / "result.json"
+                result = json.loads(done.read_text()) if done.exists() else None
+                if result is None and not report_only:
+                    result = run_one(overrides, run_dir, {"study": "physics_use", "variant": variant})
+                if result is None:
+                    continue
+                rows.append(_row(variant, noise, seed, result, _ablation(result, run_dir)))
+                curves[(variant, noise, seed)] = _val_curve(run_dir)
+    _write(profile, out_dir, rows, curves, spec)
+    return rows
+
+
+def _val_curve(run_dir: Path) -> list[float]:
+    from deepunroll.train import checkpoint
+
+    return [h["val_loss"] for h in checkpoint.load(run_dir / "checkpoints" / "last.pt")["history"]]
+
+
+def _write(profile: str, out_dir: Path, rows: list[dict], curves: dict, spec: dict) -> None:
+    if not rows:
+        return
+    results, figures = out_dir / "results", out_dir / "figures"
+    results.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, results / f"physics_use_{profile}.csv", COLUMNS)
+    header = ["signal", "noise", "seeds", "test MSE", "PSNR gain over GN (dB)", "MSE x, data term removed",
+              "MSE x, another sample's y", "epochs", "train s"]
+    body = []
+    for noise in spec["noise"]:
+        for variant in spec["variants"]:
+            group = [r for r in rows if r["variant"] == variant and r["noise"] == noise]
+            if group:
+                body.append([variant, noise, len(group), format_mean_std([r["net_mse"] for r in group], 5),
+                             format_mean_std([r["psnr_gain_db"] for r in group], 2),
+                             format_mean_std([r["no_data_term_ratio"] for r in group], 3),
+                             format_mean_std([r["other_y_ratio"] for r in group], 2),
+                             group[0]["epochs"], format_mean_std([r["train_seconds"] for r in group], 0)])
+    lines = [f"# Physics use of EIT LPGD-RMA, profile `{profile}`", "",
+             f"`python scripts/reproduce.py study=physics_use profile={profile}`; overrides "
+             f"`{' '.join(spec['base'])}`. GN: test MSE of the Gauss-Newton x0 "
+             + ", ".join(f"{format_mean_std(list({r['seed']: r['gn_mse'] for r in rows if r['noise'] == n}.values()), 5)} "
+                         f"(noise {n})"
+                         for n in spec["noise"] if any(r["noise"] == n for r in rows)) + ".", "",
+             markdown_table(header, body), ""]
+    lines += _paired_lines(rows, spec)
+    commits = sorted({r["git_commit"] for r in rows})
+    lines += ["", f"Runs at commit(s) {', '.join(commits)}. Ratios: test MSE of the same trained network with the "
+              "data-fit directions set to zero, and with each sample's y replaced by the next sample's (x0 kept); "
+              "1.00 means the network ignores the measurements. Validation curves: "
+              f"`figures/physics_use_{profile}.png`."]
+    (results / f"physics_use_{profile}.md").write_text("\n".join(lines) + "\n")
+    _plot(figures / f"physics_use_{profile}.png", curves, profile)
+
+
+def _paired_lines(rows: list[dict], spec: dict) -> list[str]:
+    """Per noise level: each variant against raw, PSNR gains paired by seed."""
+    out = []
+    for noise in spec["noise"]:
+        raw = {r["seed"]: r["net_psnr"] for r in rows if r["variant"].startswith("raw") and r["noise"] == noise}
+        for variant in spec["variants"]:
+            if variant.startswith("raw"):
+                continue
+            gains = [r["net_psnr"] - raw[r["seed"]] for r in rows
+                     if r["variant"] == variant and r["noise"] == noise and r["seed"] in raw]
+            if gains:
+                p = paired(gains)
+                out.append(f"- noise {noise}: {variant} vs raw, PSNR gain {p['mean']:+.2f} dB (paired over {p['n']} "
+                           f"seed(s), {p['favour']} of {p['n']} in favour" + (f", t = {p['t']:.1f})" if p['n'] > 1 else ")"))
+    return out
+
+
+def _plot(path: Path, curves: dict, profile: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (variant, noise, seed), values in curves.items():
+        ax.semilogy(range(1, len(values) + 1), values, label=f"{variant}, noise {noise}, seed {seed}",
+                    linestyle="-" if noise == 0 else "--")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation MSE")
+    ax.set_title(f"EIT LPGD-RMA by data-fit signal ({profile})")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
