@@ -137,3 +137,15 @@ def test_removing_the_data_term_zeroes_every_direction():
     with data_term_removed(model):
         model(y, torch.ones(2, operator.n_elems))
     assert min(seen[:2]) > 0 and seen[2:] == [0.0, 0.0] and not model.data_fit.disabled
+
+
+def test_physics_use_study_tabulates_runs_and_resumes(tmp_path):
+    from deepunroll.studies import physics_use
+
+    rows = physics_use.run("tiny", tmp_path)
+    assert [r["variant"] for r in rows] == ["raw (published)", "gauss_newton 0.001"]
+    assert all(r["no_data_term_ratio"] > 0 and r["other_y_ratio"] > 0 for r in rows)
+    table = (tmp_path / "results" / "physics_use_tiny.md").read_text()
+    assert "gauss_newton 0.001 vs raw" in table and (tmp_path / "figures" / "physics_use_tiny.png").stat().st_size > 0
+    again = physics_use.run("tiny", tmp_path, report_only=True)  # finished runs are read back, nothing retrained
+    assert again == rows

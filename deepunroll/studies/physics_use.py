@@ -1,9 +1,11 @@
-"""Does an EIT network use the measurements? LPGD-RMA trained with each ``net.direction``, then ablated.
+"""Does a network use the measurements? LPGD-RMA trained with each ``net.direction``, then ablated.
 
-    python scripts/reproduce.py study=physics_use profile=probe       # coarse mesh, all signals (~15 min)
-    python scripts/reproduce.py study=physics_use profile=published   # h0=0.1, 20 iterations (hours)
+    python scripts/reproduce.py study=physics_use profile=probe       # EIT coarse mesh, all signals (~15 min)
+    python scripts/reproduce.py study=physics_use profile=published   # EIT h0=0.1, 20 iterations (hours)
+    python scripts/reproduce.py study=physics_use profile=toy         # the 1D toy problem, 3 seeds (~5 min)
+    python scripts/reproduce.py study=physics_use profile=blur2d      # the 2D Volterra blur (~15 min)
 
-For every run: test MSE and PSNR of Gauss-Newton (x0) and the network, and the network's test MSE with
+For every run: test MSE and PSNR of the initial guess x0 (EIT: Gauss-Newton) and the network, and the network's test MSE with
 the data term removed (zero directions) and with another sample's measurements (same x0), as ratios
 (deepunroll.ablation). A post-processing network has both ratios 1.00. Writes
 results/physics_use_<profile>.{csv,md} and figures/physics_use_<profile>.png (validation curves).
@@ -24,6 +26,7 @@ GN = ["net.direction=gauss_newton"]
 
 PROFILES = {
     "probe": {  # the signals side by side on a coarse mesh, one seed
+        "experiment": "eit_lpgd_rma",
         "base": COARSE,
         "variants": {
             "raw (published)": ["net.direction=raw"],
@@ -38,6 +41,7 @@ PROFILES = {
         "seeds": [0],
     },
     "tiny": {  # tests: a coarse 8-electrode mesh, two epochs
+        "experiment": "eit_lpgd_rma",
         "base": ["operator.h0=0.3", "operator.n_electrodes=8", "data.splits.train=24", "data.splits.val=8",
                  "data.splits.test=8", "data.n_train=24", "train.batch_size=8", "net.n_iter=2", "train.epochs=2"],
         "variants": {"raw (published)": ["net.direction=raw"], "gauss_newton 0.001": GN + ["net.direction_damping=0.001"]},
@@ -45,6 +49,7 @@ PROFILES = {
         "seeds": [0],
     },
     "published": {  # the published EIT setup (h0=0.1, 686 elements, 2 inclusions, n_train 400, 20 iterations)
+        "experiment": "eit_lpgd_rma",
         "base": PUBLISHED,
         "variants": {
             "raw (published)": ["net.direction=raw"],
@@ -53,6 +58,21 @@ PROFILES = {
         "noise": [0.0, 0.01],
         "seeds": [0, 1, 2],
     },
+}
+PROFILES["toy"] = {  # published toy problem, smoke size (1,000 signals, 6 epochs), 20 iterations
+    "experiment": "toy_lpgd_rma",
+    "base": ["train=smoke"],
+    "variants": {"raw (published)": ["net.direction=raw"], "scaled": ["net.direction=scaled"],
+                 "gauss_newton 0.001": GN + ["net.direction_damping=0.001"]},
+    "noise": [0.0],
+    "seeds": [0, 1, 2],
+}
+PROFILES["blur2d"] = {  # 2D Volterra blur, smoke size, 3 iterations (J is 1024 x 1024: no gauss_newton)
+    "experiment": "blur2d_lpgd_rma",
+    "base": ["train=smoke", "net.n_iter=3"],
+    "variants": {"raw (published)": ["net.direction=raw"], "scaled": ["net.direction=scaled"]},
+    "noise": [0.01],
+    "seeds": [0],
 }
 COLUMNS = ["variant", "noise", "seed", "gn_mse", "net_mse", "gn_psnr", "net_psnr", "psnr_gain_db",
            "no_data_term_ratio", "other_y_ratio", "epochs", "train_seconds", "git_commit"]
@@ -92,7 +112,7 @@ def run(profile: str, out_dir: Path, runs_dir: Path | None = None, report_only: 
         for noise in spec["noise"]:
             for variant, extra in spec["variants"].items():
                 run_dir = runs_dir / f"physics_use_{profile}" / slug(f"{variant}_noise={noise}_seed={seed}")
-                overrides = ["+experiment=eit_lpgd_rma", *spec["base"], *extra, f"data.noise={noise}", f"seed={seed}",
+                overrides = [f"+experiment={spec['experiment']}", *spec["base"], *extra, f"data.noise={noise}", f"seed={seed}",
                              "train.device=cpu", "evaluate=false", f"data.root={runs_dir / 'data'}"]
                 done = run_dir / "result.json"
                 result = json.loads(done.read_text()) if done.exists() else None
@@ -119,7 +139,7 @@ def _write(profile: str, out_dir: Path, rows: list[dict], curves: dict, spec: di
     results.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
     write_csv(rows, results / f"physics_use_{profile}.csv", COLUMNS)
-    header = ["signal", "noise", "seeds", "test MSE", "PSNR gain over GN (dB)", "MSE x, data term removed",
+    header = ["signal", "noise", "seeds", "test MSE", "PSNR gain over x0 (dB)", "MSE x, data term removed",
               "MSE x, another sample's y", "epochs", "train s"]
     body = []
     for noise in spec["noise"]:
@@ -131,9 +151,9 @@ def _write(profile: str, out_dir: Path, rows: list[dict], curves: dict, spec: di
                              format_mean_std([r["no_data_term_ratio"] for r in group], 3),
                              format_mean_std([r["other_y_ratio"] for r in group], 2),
                              group[0]["epochs"], format_mean_std([r["train_seconds"] for r in group], 0)])
-    lines = [f"# Physics use of EIT LPGD-RMA, profile `{profile}`", "",
+    lines = [f"# Physics use of {spec['experiment']}, profile `{profile}`", "",
              f"`python scripts/reproduce.py study=physics_use profile={profile}`; overrides "
-             f"`{' '.join(spec['base'])}`. GN: test MSE of the Gauss-Newton x0 "
+             f"`{' '.join(spec['base'])}`. Test MSE of the initial guess x0 "
              + ", ".join(f"{format_mean_std(list({r['seed']: r['gn_mse'] for r in rows if r['noise'] == n}.values()), 5)} "
                          f"(noise {n})"
                          for n in spec["noise"] if any(r["noise"] == n for r in rows)) + ".", "",
@@ -177,7 +197,7 @@ def _plot(path: Path, curves: dict, profile: str) -> None:
                     linestyle="-" if noise == 0 else "--")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation MSE")
-    ax.set_title(f"EIT LPGD-RMA by data-fit signal ({profile})")
+    ax.set_title(f"{PROFILES[profile]['experiment']} by data-fit signal ({profile})")
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
