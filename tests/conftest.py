@@ -29,6 +29,18 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
+def tiny_trainer(tiny_toy, tmp_path, epochs: int = 3, **settings):
+    """(Trainer of the toy LPGD on the tiny_toy data in tmp_path/run, {split: dataset})."""
+    from deepunroll.pipeline import build_problem, load_datasets
+    from deepunroll.train.trainer import Trainer, TrainSettings
+
+    cfg = compose_config(["+experiment=toy_lpgd"] + tiny_toy)
+    operator, _, model = build_problem(cfg)
+    datasets = load_datasets(cfg, operator)
+    trainer = Trainer(model, TrainSettings(epochs=epochs, batch_size=16, **settings), tmp_path / "run", seed=0)
+    return trainer, datasets
+
+
 def rel(a, b):
     """Relative error ||a - b|| / ||b|| of array-likes."""
     a, b = np.asarray(a), np.asarray(b)

@@ -9,18 +9,9 @@ import math
 import pytest
 import torch
 
-from conftest import compose_config
-from deepunroll.pipeline import build_problem, load_datasets
+from conftest import tiny_trainer
 from deepunroll.train import checkpoint
-from deepunroll.train.trainer import NonFiniteGradientError, NonFiniteLossError, Trainer, TrainSettings
-
-
-def tiny_trainer(tiny_toy, tmp_path, **settings):
-    cfg = compose_config(["+experiment=toy_lpgd"] + tiny_toy)
-    operator, _, model = build_problem(cfg)
-    datasets = load_datasets(cfg, operator)
-    trainer = Trainer(model, TrainSettings(epochs=2, batch_size=16, **settings), tmp_path / "run", seed=0)
-    return trainer, datasets
+from deepunroll.train.trainer import NonFiniteGradientError, NonFiniteLossError
 
 
 def inject_inf_gradient(model, at_backward, value=math.inf):
@@ -47,7 +38,7 @@ def all_finite(model):
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 def test_skip_leaves_parameters_finite_after_a_nonfinite_gradient(tiny_toy, tmp_path, value):
-    trainer, datasets = tiny_trainer(tiny_toy, tmp_path, on_nonfinite="skip")
+    trainer, datasets = tiny_trainer(tiny_toy, tmp_path, epochs=2, on_nonfinite="skip")
     seen = inject_inf_gradient(trainer.model, at_backward=3, value=value)
     history = trainer.fit(datasets["train"], datasets["val"])
     assert seen["backward"] == 12  # 2 epochs x 6 steps: the loss stayed finite, every step ran backward
@@ -59,7 +50,7 @@ def test_skip_leaves_parameters_finite_after_a_nonfinite_gradient(tiny_toy, tmp_
 
 def test_skipped_step_is_not_taken(tiny_toy, tmp_path):
     """Adam counts 11 of the 12 steps: the skipped one changed neither parameters nor optimizer state."""
-    trainer, datasets = tiny_trainer(tiny_toy, tmp_path, on_nonfinite="skip")
+    trainer, datasets = tiny_trainer(tiny_toy, tmp_path, epochs=2, on_nonfinite="skip")
     inject_inf_gradient(trainer.model, at_backward=3)
     taken = []
     trainer.optimizer.register_step_pre_hook(lambda *_: taken.append(1))
@@ -69,7 +60,7 @@ def test_skipped_step_is_not_taken(tiny_toy, tmp_path):
 
 
 def test_stop_raises_on_a_nonfinite_gradient_with_a_finite_loss(tiny_toy, tmp_path):
-    trainer, datasets = tiny_trainer(tiny_toy, tmp_path)
+    trainer, datasets = tiny_trainer(tiny_toy, tmp_path, epochs=2)
     inject_inf_gradient(trainer.model, at_backward=6 + 2)  # 6 steps per epoch: epoch 2, step 2
     with pytest.raises(NonFiniteGradientError,
                        match=r"non-finite gradient \(norm inf\) at epoch 2, step 2; the last good checkpoint is "
@@ -83,7 +74,7 @@ def test_stop_raises_on_a_nonfinite_gradient_with_a_finite_loss(tiny_toy, tmp_pa
 
 def test_finite_gradients_train_exactly_as_before(tiny_toy, tmp_path):
     """The check is read off clip_grad_norm_'s total norm: a normal run takes every step."""
-    trainer, datasets = tiny_trainer(tiny_toy, tmp_path, on_nonfinite="stop")
+    trainer, datasets = tiny_trainer(tiny_toy, tmp_path, epochs=2, on_nonfinite="stop")
     trainer.fit(datasets["train"], datasets["val"])
     assert trainer.skipped_steps == 0
     assert trainer.optimizer.state_dict()["state"][0]["step"].item() == 12

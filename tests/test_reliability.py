@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, compose_config
+from conftest import REPO, compose_config, tiny_trainer
 from deepunroll.config_checks import ConfigError, validate
-from deepunroll.pipeline import build_problem, load_datasets, train
+from deepunroll.pipeline import train
 from deepunroll.train import checkpoint
-from deepunroll.train.trainer import ExistingRunError, NonFiniteLossError, Trainer, TrainSettings
+from deepunroll.train.trainer import ExistingRunError, NonFiniteLossError
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_typo_fails_before_any_work(tmp_path):
     ("scripts/evaluate.py", ["checkpoint=x.pt", "split=dev"], "error: split='dev': expected one of train, val, test"),
     ("scripts/evaluate.py", [], "error: checkpoint: missing; pass checkpoint=PATH or 'checkpoint=[PATH_A,PATH_B]'"),
     ("scripts/reproduce.py", ["profile=huge"], "error: profile='huge': expected one of paper, quick, tiny for study=rma"),
-    ("scripts/reproduce.py", ["study=rmaa"], "error: study='rmaa': expected one of argmin, equilibrium, rma"),
+    ("scripts/reproduce.py", ["study=rmaa"], "error: study='rmaa': expected one of argmin, equilibrium, physics_use, rma"),
 ])
 def test_config_errors_are_one_line_in_every_script(tmp_path, script, args, message):
     """The message alone on stderr, exit status 1, nothing written; the traceback only with HYDRA_FULL_ERROR=1."""
@@ -111,14 +111,6 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     for name, tensor in ref["model"].items():
         assert torch.equal(ours["model"][name], tensor), name
     assert [h["val_loss"] for h in ours["history"]] == [h["val_loss"] for h in ref["history"]]
-
-
-def tiny_trainer(tiny_toy, tmp_path, **settings):
-    cfg = compose_config(["+experiment=toy_lpgd"] + tiny_toy)
-    operator, _, model = build_problem(cfg)
-    datasets = load_datasets(cfg, operator)
-    trainer = Trainer(model, TrainSettings(epochs=3, batch_size=16, **settings), tmp_path / "run", seed=0)
-    return trainer, datasets
 
 
 def inject_nan(model, at_call):
