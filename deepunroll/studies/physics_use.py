@@ -2,6 +2,7 @@
 
     python scripts/reproduce.py study=physics_use profile=probe       # EIT coarse mesh, all signals (~15 min)
     python scripts/reproduce.py study=physics_use profile=published   # EIT h0=0.1, 20 iterations (hours)
+    python scripts/reproduce.py study=physics_use profile=probe_lpd   # LPD-RMA, coarse mesh (~25 min)
     python scripts/reproduce.py study=physics_use profile=toy         # the 1D toy problem, 3 seeds (~5 min)
     python scripts/reproduce.py study=physics_use profile=blur2d      # the 2D Volterra blur (~15 min)
 
@@ -58,6 +59,14 @@ PROFILES = {
         "noise": [0.0, 0.01],
         "seeds": [0, 1, 2],
     },
+}
+PROFILES["probe_lpd"] = {  # LPD-RMA on the probe's coarse mesh
+    "experiment": "eit_lpd_rma",
+    "base": COARSE,
+    "variants": {"raw (published)": ["net.direction=raw"], "scaled": ["net.direction=scaled"],
+                 "gauss_newton 0.01": GN + ["net.direction_damping=0.01"]},
+    "noise": [0.0],
+    "seeds": [0],
 }
 PROFILES["toy"] = {  # published toy problem, smoke size (1,000 signals, 6 epochs), 20 iterations
     "experiment": "toy_lpgd_rma",
