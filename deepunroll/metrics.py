@@ -1,4 +1,4 @@
-"""Reconstruction metrics, per sample (REFERENCE.md, Metrics: "ours").
+"""Reconstruction metrics, per sample (README, Metrics (ours)).
 
 All take x_hat, x of shape (B, *shape) and return (B,) tensors (ssim: images (B, H, W)).
 """
@@ -49,7 +49,7 @@ def ssim(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class MeshSSIM:
-    """SSIM on a triangle mesh (REFERENCE.md, Metrics, ours), per sample, (B,).
+    """SSIM on a triangle mesh (README, Metrics (ours)), per sample, (B,).
 
     For element e the window is e and every element sharing a vertex with it; local means,
     (population) variances and covariance over the window give

@@ -42,7 +42,7 @@ def test_ssim_matches_scikit_image_per_sample_range():
 
 
 def test_mesh_ssim_matches_an_element_loop():
-    """MeshSSIM against a per-element loop over vertex-sharing neighbourhoods (REFERENCE.md, ours)."""
+    """MeshSSIM against a per-element loop over vertex-sharing neighbourhoods (README, Metrics (ours))."""
     from deepunroll.metrics import MeshSSIM
 
     elements = np.array([[0, 1, 2], [1, 2, 3], [2, 3, 4], [4, 5, 6], [5, 6, 7]])

@@ -2,7 +2,7 @@
 
 Interface: ``init_state(d) -> state`` (zero state for a batch shaped like d) and
 ``forward(d, state) -> (v, state)``; one module is shared by all iterations.
-Sign convention (REFERENCE.md): d_k = J(x_k)^T (F(x_k) - y).
+Sign convention (as in Zhou et al., Inverse Problems 2024): d_k = J(x_k)^T (F(x_k) - y).
 """
 
 from __future__ import annotations

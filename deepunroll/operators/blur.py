@@ -1,7 +1,7 @@
 """2D nonlinear blur: a second-order Volterra filter on images, optionally strided.
 
 y(p) = sum_i w(i) x(s p + i) + a sum_{i,j} W(i,j) x(s p + i) x(s p + j), i, j over a k x k window;
-x (B, H, W) -> y (B, ceil(H/s), ceil(W/s)). The 2D generalisation of the 1D toy (REFERENCE.md, Problem 1).
+x (B, H, W) -> y (B, ceil(H/s), ceil(W/s)). The 2D generalisation of the 1D toy (the 1D problem of Zhou et al., Inverse Problems 2024).
 """
 
 from __future__ import annotations

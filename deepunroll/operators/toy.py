@@ -1,4 +1,4 @@
-"""The published 1D nonlinear deconvolution ("toy") problem (REFERENCE.md, Problem 1)."""
+"""The published 1D nonlinear deconvolution ("toy") problem (Zhou et al., Inverse Problems 2024, first problem)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reproduction study of recurrent momentum acceleration (REFERENCE.md, the four claims).
+"""Reproduction study of recurrent momentum acceleration (the four claims of Zhou et al., Inverse Problems 2024, as the README lists them).
 
 Sweeps of ordinary runs of :func:`deepunroll.pipeline.train`, each scored by
 :func:`deepunroll.evaluation.evaluate` on its test split. A profile (configs/reproduce/rma_<profile>.yaml)
