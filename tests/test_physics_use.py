@@ -22,7 +22,7 @@ def _rms(t: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("experiment,extra,default,raw_ratio", [
     ("eit_rma", ["operator.h0=0.2"], "gauss_newton", 5.7e-3),
-    ("toy_lpgd_rma", [], "raw", 0.28),
+    ("toy_lpgd_rma", [], "gauss_newton", 0.28),
 ])
 def test_data_fit_signal_has_order_one_spread(experiment, extra, default, raw_ratio):
     """rms(d) / rms(x - x_true) at x = x_true + 0.05 noise: the signal the blocks and the LSTM read
