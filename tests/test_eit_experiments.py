@@ -173,4 +173,7 @@ def test_training_step_benchmark_runs(capsys):
 
     main(["--h0", "0.3", "--n-iter", "2", "--repeats", "1", "--epoch-samples", "4"])
     out = capsys.readouterr().out
-    assert "ours on cpu" in out and "ratio (authors' way / ours):" in out and "one epoch, 4 samples" in out
+    assert "ours on cpu with net.direction=raw" in out and "ratio (authors' way / ours):" in out
+    assert "one epoch, 4 samples" in out
+    main(["--h0", "0.3", "--n-iter", "2", "--repeats", "1", "--epoch-samples", "4", "--direction", "gauss_newton"])
+    assert "ours on cpu with net.direction=gauss_newton" in capsys.readouterr().out

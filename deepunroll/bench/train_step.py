@@ -1,10 +1,12 @@
 """One EIT training step at published size, data-fit gradients our way vs the authors' way.
 
-python scripts/bench.py train_step [--h0 0.1] [--n-iter 20] [--batch 2] [--epoch-samples 400]
+python scripts/bench.py train_step [--h0 0.1] [--n-iter 20] [--batch 2] [--epoch-samples 400] [--direction raw]
 
 Ours: `EIT.misfit_grad` (one factorisation per sample, adjoint vjp, batched).
 Authors' way: pyEIT `compute_jac` per sample per iterate (NumPy), then J^T r — what their
 LPGD-RMA scripts did for every iterate of every sample. Both feed the same LPGD-RMA network.
+``--direction`` (raw | scaled | gauss_newton) sets the data-fit signal of ours (net.direction); the
+authors' way is always their raw gradient, so the ratio compares paths only with ``raw``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pyeit.eit.fem import EITForward
 from deepunroll.bench.eit import _sync, device_name, seconds
 from deepunroll.data.phantoms import EITPhantoms
 from deepunroll.nets.build import build_model
+from deepunroll.nets.direction import KINDS
 from deepunroll.operators.base import ForwardOperator
 from deepunroll.operators.eit import EIT
 from deepunroll.operators.eit.mesh import build_disk_mesh
@@ -68,6 +71,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--epoch-samples", type=int, default=400, help="samples in the timed epoch (ours); 0 skips it")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where ours runs (pyEIT: CPU)")
+    parser.add_argument("--direction", default="raw", choices=list(KINDS), help="net.direction of ours")
+    parser.add_argument("--damping", type=float, default=1e-3, help="net.direction_damping (gauss_newton)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,6 +81,8 @@ def main(argv: list[str]) -> None:
     device = torch.device(args.device)
     ours = EIT(h0=args.h0, min_conductivity=0.01)
     net_cfg = OmegaConf.create({**NET, "n_iter": args.n_iter})
+    ours_cfg = OmegaConf.create({**NET, "n_iter": args.n_iter, "direction": args.direction,
+                                 "direction_damping": args.damping})
     gen = torch.Generator().manual_seed(0)
     x = EITPhantoms(2).sample(ours, max(args.batch, args.epoch_samples), gen).float()
     y = ours(x.double()).float()
@@ -84,7 +91,7 @@ def main(argv: list[str]) -> None:
     for label, operator, where in (("ours (adjoint misfit_grad, batched)", ours, device),
                                    ("authors' way (pyEIT compute_jac per sample)", PyEITPerSample(args.h0), "cpu")):
         torch.manual_seed(0)
-        model = build_model(net_cfg, OmegaConf.create(ACCEL), operator).to(where)
+        model = build_model(ours_cfg if operator is ours else net_cfg, OmegaConf.create(ACCEL), operator).to(where)
         model.step.float(), model.accelerator.float()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         batch = tuple(t[: args.batch].to(where) for t in (y, x0, x))
@@ -92,13 +99,13 @@ def main(argv: list[str]) -> None:
     ours_s, theirs_s = results.values()
     print(f"EIT h0={args.h0} ({ours.n_elems} elements, {ours.n_meas} measurements), LPGD-RMA, "
           f"{args.n_iter} iterations, batch {args.batch}, torch threads {torch.get_num_threads()}, "
-          f"ours on {device_name(device)}")
+          f"ours on {device_name(device)} with net.direction={args.direction}")
     for label, value in results.items():
         print(f"  {label:<46} {value:8.3f} s per training step")
     print(f"  ratio (authors' way / ours): {theirs_s / ours_s:.1f}x")
     if args.epoch_samples:
         torch.manual_seed(0)
-        model = build_model(net_cfg, OmegaConf.create(ACCEL), ours).to(device)
+        model = build_model(ours_cfg, OmegaConf.create(ACCEL), ours).to(device)
         model.step.float(), model.accelerator.float()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         y, x0, x = y.to(device), x0.to(device), x.to(device)
