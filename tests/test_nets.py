@@ -104,3 +104,20 @@ def test_zero_init_returns_the_initial_guess():
         model = build(net, "rma", op, n_iter=3, step={"zero_init": True}).double()
         x0 = torch.randn(2, 53, dtype=torch.float64)
         torch.testing.assert_close(model(op(x0 + 1), x0), x0, rtol=0, atol=0)
+
+
+def test_authors_toy_rma_settings():
+    """toy_lpgd_rma_authors: the published code's LSTM (2 layers, 50 units, forget bias 2) and batch 256."""
+    from conftest import compose_config
+    from deepunroll.pipeline import build_problem
+
+    cfg = compose_config(["+experiment=toy_lpgd_rma_authors"])
+    _, _, model = build_problem(cfg)
+    rnn = model.accelerator.rnn
+    assert (rnn.num_layers, rnn.hidden_size, cfg.train.batch_size, model.data_fit.kind) == (2, 50, 256, "raw")
+    for layer in (0, 1):
+        forget = slice(50, 100)
+        assert torch.all(getattr(rnn, f"bias_ih_l{layer}")[forget] == 2.0)
+        assert torch.all(getattr(rnn, f"bias_hh_l{layer}")[forget] == 0.0)
+    default = build_problem(compose_config(["+experiment=toy_lpgd_rma"]))[2].accelerator.rnn
+    assert torch.all(default.bias_ih_l0[128:256] == 1.0)

@@ -48,13 +48,17 @@ class RMA(nn.Module):
     h_k = Cell(d_k, h_{k-1}) (state carried across iterations, zero-initialised);
     v_k = Linear(concat of the final hidden states of all ``layers``) reshaped like d_k.
     d: (B, *x_shape) is flattened to (B, prod(x_shape)) before the cell.
-    LSTM forget-gate biases start at 1 (input-side bias 1, hidden-side bias 0).
+    LSTM forget-gate biases start at ``forget_bias`` (input-side bias, hidden-side bias 0; default 1). The
+    published code set 1 in both PyTorch bias vectors, an effective 2 (``forget_bias=2``, experiment
+    ``toy_lpgd_rma_authors``); it also re-fed the whole gradient history to the LSTM from a random state at
+    every iteration, which we do not: our state is carried and zero-initialised (README, RMA as published).
     """
 
     CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
     ALL_CELLS = ("lstm", "gru", "convlstm")
 
-    def __init__(self, x_shape: tuple[int, ...], cell: str = "lstm", hidden: int = 128, layers: int = 1) -> None:
+    def __init__(self, x_shape: tuple[int, ...], cell: str = "lstm", hidden: int = 128, layers: int = 1,
+                 forget_bias: float = 1.0) -> None:
         super().__init__()
         if cell not in self.CELLS:
             raise ValueError(f"accel.cell={cell!r}; expected one of {list(self.ALL_CELLS)}")
@@ -68,7 +72,7 @@ class RMA(nn.Module):
             with torch.no_grad():
                 for name, bias in self.rnn.named_parameters():
                     if name.startswith("bias_"):
-                        bias[self.hidden : 2 * self.hidden] = 1.0 if name.startswith("bias_ih") else 0.0
+                        bias[self.hidden : 2 * self.hidden] = float(forget_bias) if name.startswith("bias_ih") else 0.0
 
     def init_state(self, d: torch.Tensor):
         h0 = d.new_zeros(self.layers, d.shape[0], self.hidden)
@@ -82,11 +86,11 @@ class RMA(nn.Module):
 
 
 def recurrent_momentum(x_shape: tuple[int, ...], cell: str = "lstm", hidden: int = 128, layers: int = 1,
-                       kernel_size: int = 3) -> nn.Module:
+                       kernel_size: int = 3, forget_bias: float = 1.0) -> nn.Module:
     """The RMA accelerator for ``accel.cell``: lstm / gru (fully connected on flattened d_k, see :class:`RMA`)
     or convlstm (a convolutional LSTM with ``hidden`` channels and ``kernel_size`` for images (B, H, W))."""
     if cell == "convlstm":
         from deepunroll.nets.convlstm import ConvLSTMAccelerator
 
         return ConvLSTMAccelerator(channels_hidden=hidden, kernel_size=kernel_size, layers=layers, x_shape=x_shape)
-    return RMA(x_shape, cell=cell, hidden=hidden, layers=layers)
+    return RMA(x_shape, cell=cell, hidden=hidden, layers=layers, forget_bias=forget_bias)
