@@ -96,16 +96,23 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict:
     return state
 
 
+def _plain_numpy_state(state: tuple) -> dict:
+    """NumPy's legacy ``get_state()`` tuple as plain data (the keys as an int64 tensor)."""
+    name, keys, pos, has_gauss, cached = state
+    return {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _plain_python_state(state: tuple) -> dict:
+    """Python's ``random.getstate()`` tuple as plain data."""
+    version, internal, gauss_next = state
+    return {"version": version, "internal": list(internal), "gauss_next": gauss_next}
+
+
 def rng_states() -> dict:
     """Torch, NumPy, Python (and CUDA) generator states as tensors, numbers and lists."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-    }
+    states = {"torch": torch.get_rng_state(), "numpy": _plain_numpy_state(np.random.get_state()),
+              "python": _plain_python_state(random.getstate())}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -145,12 +152,9 @@ def upgrade(path: str | Path) -> bool:
         raise CheckpointError(f"{path} is not a deepunroll checkpoint (no {' and '.join(map(repr, REQUIRED))})")
     rng = state.get("rng", {})
     if isinstance(rng.get("numpy"), tuple):
-        name, keys, pos, has_gauss, cached = rng["numpy"]
-        rng["numpy"] = {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
-                        "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+        rng["numpy"] = _plain_numpy_state(rng["numpy"])
     if isinstance(rng.get("python"), tuple):
-        version, internal, gauss_next = rng["python"]
-        rng["python"] = {"version": version, "internal": list(internal), "gauss_next": gauss_next}
+        rng["python"] = _plain_python_state(rng["python"])
     save_atomic(state, path)  # raises TypeError naming any entry that is still not plain data
     return True
 
