@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from deepunroll import metrics
 from deepunroll.data.datasets import InverseProblemDataset
 
 
@@ -41,7 +42,7 @@ def split_mse(model: nn.Module, dataset: InverseProblemDataset, y: torch.Tensor 
     total = 0.0
     for i in range(0, len(dataset), batch_size):
         x_hat = model(y[i : i + batch_size].to(device), dataset.x0[i : i + batch_size].to(device)).cpu()
-        total += float((x_hat.double() - dataset.x[i : i + batch_size].double()).square().flatten(1).mean(1).sum())
+        total += float(metrics.mse(x_hat.double(), dataset.x[i : i + batch_size].double()).sum())
     return total / len(dataset)
 
 

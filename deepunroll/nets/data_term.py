@@ -28,6 +28,8 @@ class DataTerm:
         self.operator, self.y, self.through_operator = operator, y, through_operator
         self.data_fit = data_fit if data_fit is not None else DataFit(operator, "raw")
         self.raw = self.data_fit.kind == "raw"
+        # y as LPD's dual blocks see it (B, *out_shape), network dtype: computed once per batch
+        self.target = y if self.raw else self.data_fit.measurements(y.to(torch.float64)).to(y.dtype)
 
     def _physics(self, fn, *args: torch.Tensor) -> torch.Tensor:
         """fn(*args) in full precision, detached unless ``through_operator``; float64 unless ``raw``."""
@@ -38,11 +40,6 @@ class DataTerm:
                 return fn(*args)
             with torch.no_grad():
                 return fn(*(a.detach() for a in args))
-
-    @property
-    def target(self) -> torch.Tensor:
-        """The measurements y as LPD's dual blocks see them (B, *out_shape), network dtype."""
-        return self.y if self.raw else self.data_fit.measurements(self.y.to(torch.float64)).to(self.y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """F(x) as the blocks see it: (B, *in_shape) -> (B, *out_shape), network dtype."""
