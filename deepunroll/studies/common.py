@@ -77,6 +77,29 @@ def run_one(overrides: list[str], run_dir: Path, info: dict) -> dict | None:
         (run_dir / "claim.pid").unlink(missing_ok=True)
 
 
+def run_ablation(run_dir: Path) -> dict:
+    """physics_ablation of a finished run's best checkpoint on its test split, computed once (ablation.json)."""
+    path = run_dir / "ablation.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from deepunroll.ablation import physics_ablation
+    from deepunroll.pipeline import load_checkpoint_config, load_datasets, load_model
+
+    best = run_dir / "checkpoints" / "best.pt"
+    model = load_model(best)
+    test = load_datasets(load_checkpoint_config(best), model.operator, splits=("test",))["test"]
+    out = physics_ablation(model, test)
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def val_curve(run_dir: Path) -> list[float]:
+    """Validation loss per epoch of a run (from checkpoints/last.pt)."""
+    from deepunroll.train import checkpoint
+
+    return [h["val_loss"] for h in checkpoint.load(run_dir / "checkpoints" / "last.pt")["history"]]
+
+
 def metric_names(row: dict) -> list[str]:
     return [k[: -len("_mean")] for k in row if k.endswith("_mean")]
 

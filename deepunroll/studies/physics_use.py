@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deepunroll.studies.common import format_mean_std, markdown_table, paired, run_one, slug
+from deepunroll.studies.common import (format_mean_std, markdown_table, paired, run_ablation, run_one, slug,
+                                       val_curve)
 from deepunroll.tables import write_csv
 
 COARSE = ["operator.h0=0.15", "net.n_iter=5", "data.n_train=400", "train.epochs=10"]
@@ -87,22 +88,6 @@ COLUMNS = ["variant", "noise", "seed", "gn_mse", "net_mse", "gn_psnr", "net_psnr
            "no_data_term_ratio", "other_y_ratio", "epochs", "train_seconds", "git_commit"]
 
 
-def _ablation(result: dict, run_dir: Path) -> dict:
-    """physics_ablation of the run's best checkpoint on its test split, computed once (ablation.json)."""
-    path = run_dir / "ablation.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    from deepunroll.ablation import physics_ablation
-    from deepunroll.pipeline import load_checkpoint_config, load_datasets, load_model
-
-    best = run_dir / "checkpoints" / "best.pt"
-    model = load_model(best)
-    test = load_datasets(load_checkpoint_config(best), model.operator, splits=("test",))["test"]
-    out = physics_ablation(model, test)
-    path.write_text(json.dumps(out, indent=1))
-    return out
-
-
 def _row(variant: str, noise: float, seed: int, result: dict, ablation: dict) -> dict:
     base, net = result["baseline"], result["scores"]
     return {"variant": variant, "noise": noise, "seed": seed, "gn_mse": base["mse_mean"], "net_mse": net["mse_mean"],
@@ -129,16 +114,10 @@ def run(profile: str, out_dir: Path, runs_dir: Path | None = None, report_only: 
                     result = run_one(overrides, run_dir, {"study": "physics_use", "variant": variant})
                 if result is None:
                     continue
-                rows.append(_row(variant, noise, seed, result, _ablation(result, run_dir)))
-                curves[(variant, noise, seed)] = _val_curve(run_dir)
+                rows.append(_row(variant, noise, seed, result, run_ablation(run_dir)))
+                curves[(variant, noise, seed)] = val_curve(run_dir)
     _write(profile, out_dir, rows, curves, spec)
     return rows
-
-
-def _val_curve(run_dir: Path) -> list[float]:
-    from deepunroll.train import checkpoint
-
-    return [h["val_loss"] for h in checkpoint.load(run_dir / "checkpoints" / "last.pt")["history"]]
 
 
 def _write(profile: str, out_dir: Path, rows: list[dict], curves: dict, spec: dict) -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from deepunroll.pipeline import CONFIGS
-from deepunroll.studies.common import (RESULT, format_value, markdown_table, metric_names, paired, run_one,
-                                       seed_table, slug)
+from deepunroll.studies.common import (RESULT, format_value, markdown_table, metric_names, paired, run_ablation,
+                                       run_one, seed_table, slug)
 from deepunroll.tables import write_csv
 
 # (better, base) pairs of the claims; gains are per seed, positive when `better` is better
@@ -31,6 +31,7 @@ CLAIM_PAIRS = {
     "4": [("LPGD-RMA", "LPGD-MA"), ("LPD-RMA", "LPD-MA")],
     "ma": [("LPGD-MA", "LPGD"), ("LPD-MA", "LPD")],
     "domain": [("LPGD-RMA (2D grid)", "LPGD-RMA (1D mesh)")],
+    "physics": [("LPGD-RMA", "LPGD-RMA (raw)")],
 }
 # metric of the paired comparisons per sweep: (name, +1 if higher is better else -1)
 CLAIM_METRIC = {"toy": ("psnr", +1), "eit": ("rel_err", -1), "eit_domain": ("rel_err", -1)}
@@ -73,12 +74,18 @@ def result_row(result: dict, scores: dict, network: str, keys: list[str]) -> dic
     return row
 
 
+def ablation_columns(ablation: dict) -> dict:
+    """Test-MSE ratios of the physics ablation as table metrics (data term removed, another sample's y)."""
+    return {"no_data_term_ratio_mean": ablation["no_data_term_ratio"], "other_y_ratio_mean": ablation["other_y_ratio"]}
+
+
 def rows_of(results: list[dict], spec: dict) -> list[dict]:
     """One row per run; with ``baseline`` also one row for x0 (e.g. GN) per dataset (seed and n_train blank)."""
     keys = [column(k) for k in spec["axes"] if k != "seed"] + ["seed"]
     rows, datasets = [], {}
     for result in results:
-        rows.append(result_row(result, result["scores"], result["network"], keys) | {
+        rows.append(result_row(result, result["scores"], result["network"], keys)
+                    | (ablation_columns(result["ablation"]) if result.get("ablation") else {}) | {
             "n_params": result["n_params"], "epochs": result["epochs"],
             "train_seconds": round(result["train_seconds"], 2), "git_commit": result["git_commit"],
             "run_dir": result["run_dir"], "config": json.dumps(result["config"], sort_keys=True)})
@@ -91,6 +98,11 @@ def rows_of(results: list[dict], spec: dict) -> list[dict]:
                            "config": json.dumps({"operator": result["config"]["operator"],
                                                  "data": result["config"]["data"]}, sort_keys=True)})
     return rows
+
+
+def baseline_key(row: dict) -> tuple:
+    """An x0 row's dataset and scores, without what differs between sweeps sharing the dataset."""
+    return tuple(v for k, v in row.items() if k not in ("sweep", "config", "git_commit", "run_dir"))
 
 
 def gains(rows: list[dict], better: str, base: str, metric: str, sign: int, keys: list[str]) -> dict[tuple, list]:
@@ -112,7 +124,9 @@ def claims_markdown(tables: dict[str, tuple[list[dict], dict]]) -> str:
     titles = {"1": "Claim 1: RMA improves LPGD and LPD (RMA vs its base network)",
               "4": "Claim 4: RMA beats plain momentum (RMA vs MA)",
               "ma": "For reference: plain momentum vs its base network (MA vs base)",
-              "domain": "EIT: LPGD-RMA on a 2D pixel grid vs on the element order (1D)"}
+              "domain": "EIT: LPGD-RMA on a 2D pixel grid vs on the element order (1D)",
+              "physics": "Unrolling vs post-processing: LPGD-RMA with the physics-visible signal vs the published raw "
+                         "input (`net.direction=raw`)"}
     units = {"psnr": "test PSNR gain (dB)", "rel_err": "reduction of the test relative error"}
     out = ["# Paired comparisons over seeds",
            "",
@@ -148,7 +162,7 @@ def claims_markdown(tables: dict[str, tuple[list[dict], dict]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_outputs(tables: dict[str, tuple[list[dict], dict]], out_dir: Path) -> list[Path]:
+def write_outputs(tables: dict[str, tuple[list[dict], dict]], out_dir: Path, claims_name: str = "claims") -> list[Path]:
     written = []
     for table, (rows, spec) in tables.items():
         if not rows:
@@ -162,7 +176,7 @@ def write_outputs(tables: dict[str, tuple[list[dict], dict]], out_dir: Path) -> 
               + seed_table(rows, keys, metrics) + "\n")
         (out_dir / "results" / f"{table}.md").write_text(md)
         written += [csv_path, out_dir / "results" / f"{table}.md"]
-    claims = out_dir / "results" / "claims.md"
+    claims = out_dir / "results" / f"{claims_name}.md"
     claims.write_text(claims_markdown({CLAIM_KEY.get(t, t): v for t, v in tables.items()}))
     return written + [claims]
 
@@ -201,11 +215,15 @@ def run(profile: str = "quick", out_dir: str | Path = ".", runs_dir: str | Path 
             if result is None:
                 pending += 1
             else:
-                results.append(result | {"run_dir": os.path.relpath(run_dir, out_dir)})
+                ablation = run_ablation(run_dir) if spec.get("ablation") else None
+                results.append(result | {"run_dir": os.path.relpath(run_dir, out_dir), "ablation": ablation})
         rows = rows_of(results, spec)
-        old = tables.get(spec["table"], ([], spec))[0]
-        tables[spec["table"]] = (old + rows, spec)
-    written = write_outputs(tables, out_dir)
+        old_rows, old_spec = tables.get(spec["table"], ([], {}))
+        seen = {baseline_key(r) for r in old_rows if r["seed"] == ""}
+        rows = [r for r in rows if r["seed"] != "" or baseline_key(r) not in seen]  # x0 of a dataset once per table
+        figures = old_spec.get("figures", {}) | spec.get("figures", {})
+        tables[spec["table"]] = (old_rows + rows, spec | {"figures": figures})
+    written = write_outputs(tables, out_dir, spec_all.get("claims", "claims"))
     written += make_figures(tables, out_dir)
     print(f"{pending} runs not finished (in other processes, or report_only)" if pending else "all runs finished")
     print("wrote " + ", ".join(str(p) for p in written))

@@ -1,4 +1,4 @@
-"""Figures of the RMA study: RMA gain versus a (toy), EIT error versus n_train, EIT reconstructions."""
+"""Figures of the RMA study: RMA gain versus a (toy), EIT error versus n_train, EIT reconstructions, validation curves."""
 
 from __future__ import annotations
 
@@ -102,12 +102,46 @@ def eit_reconstructions(rows: list[dict], path: Path, out_dir: Path, n_samples: 
     return plot_mesh_reconstructions(panels, operator.nodes, operator.elements, path, n_samples)
 
 
+def validation_curves(rows: list[dict], path: Path, out_dir: Path) -> Path | None:
+    """Validation loss per epoch of each network's seed-0 run, one panel per setting (is training flat?)."""
+    from deepunroll.studies.common import val_curve
+
+    runs = [r for r in rows if r["seed"] != "" and int(r["seed"]) == 0]
+    settings = sorted({tuple(r[k] for k in SETTING_COLUMNS if k in r) for r in runs})
+    if not settings:
+        return None
+    figure = Figure(figsize=(4.0 * len(settings), 3.6))
+    axes = figure.subplots(1, len(settings), squeeze=False)[0]
+    networks = list(dict.fromkeys(r["network"] for r in runs))
+    for ax, setting in zip(axes, settings):
+        for r in runs:
+            if tuple(r[k] for k in SETTING_COLUMNS if k in r) == setting:
+                curve = val_curve(out_dir / r["run_dir"])
+                i = networks.index(r["network"])
+                ax.semilogy(range(1, len(curve) + 1), curve, color=f"C{i}", label=r["network"],
+                            linestyle="-" if "RMA" in r["network"] else ("--" if "MA" in r["network"] else ":"))
+        ax.set_xlabel("epoch")
+        ax.set_title(", ".join(f"{k} {v}" for k, v in zip([k for k in SETTING_COLUMNS if k in runs[0]], setting)),
+                     fontsize=9)
+    axes[0].set_ylabel("validation MSE (seed 0)")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return _save(figure, path)
+
+
+# figure kinds a sweep may ask for in its profile (figures: {kind: file stem under figures/})
+SETTING_COLUMNS = ["a", "n_inclusions", "noise", "n_train"]
+FIGURES = {"gain_vs_a": lambda rows, path, out_dir: toy_gain_vs_a(rows, path),
+           "error_vs_ntrain": lambda rows, path, out_dir: eit_error_vs_ntrain(rows, path),
+           "reconstructions": eit_reconstructions,
+           "validation": validation_curves}
+
+
 def make_figures(tables: dict[str, tuple[list[dict], dict]], out_dir: Path) -> list[Path]:
-    figures = out_dir / "figures"
+    """The figures each table's profile entry names: ``figures: {kind: stem}`` -> figures/<stem>.png."""
     made = []
-    if "toy_sweep" in tables:
-        made.append(toy_gain_vs_a(tables["toy_sweep"][0], figures / "toy_rma_gain_vs_a.png"))
-    if "eit_sweep" in tables:
-        made.append(eit_error_vs_ntrain(tables["eit_sweep"][0], figures / "eit_error_vs_ntrain.png"))
-        made.append(eit_reconstructions(tables["eit_sweep"][0], figures / "eit_reconstructions.png", out_dir))
+    for rows, spec in tables.values():
+        for kind, stem in spec.get("figures", {}).items():
+            if kind not in FIGURES:
+                raise ValueError(f"figures.{kind}: unknown figure; expected one of {sorted(FIGURES)}")
+            made.append(FIGURES[kind](rows, out_dir / "figures" / f"{stem}.png", out_dir))
     return [p for p in made if p is not None]
