@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from deepunroll.train.backprop import WARM_START_REFUSED
+
 
 class ConfigError(ValueError):
     """A config value has the wrong type or is out of range."""
@@ -55,6 +57,7 @@ RULES = {
     "net.fixed_point.restarts": POSITIVE_INT,
     "net.fixed_point.warm_start": BOOL,
     "net.fixed_point.solver": one_of("fixed_point", "anderson"),
+    "net.fixed_point.jacobian": one_of("full", "detached"),
     "net.fixed_point.anderson_memory": POSITIVE_INT,
     "net.fixed_point.backward_tol": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
     "net.fixed_point.backward_max_iter": POSITIVE_INT,
@@ -94,6 +97,9 @@ def validate(cfg: DictConfig) -> None:
         betas = cfg.train.get("betas")
         if betas is not None and not (len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
             raise ConfigError(f"train.betas={list(betas)!r}: expected two numbers in [0, 1)")
+    if OmegaConf.select(cfg, "net.backprop") == "restarted_jfb" and \
+            OmegaConf.select(cfg, "net.fixed_point.warm_start") is False:
+        raise ConfigError(WARM_START_REFUSED)
     n_train = OmegaConf.select(cfg, "data.n_train")
     if n_train is not None:
         pool = OmegaConf.select(cfg, "data.splits.train")

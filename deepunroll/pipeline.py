@@ -111,6 +111,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Unrolled
     """
     state = checkpoint.load(Path(path), device)
     cfg = OmegaConf.create(state["config"]["config"])
+    if OmegaConf.select(cfg, "net.fixed_point.warm_start") is False:  # written before restarted_jfb had to warm-start;
+        cfg.net.fixed_point.warm_start = True                          # a loaded (eval-mode) model never does
     _, _, model = build_problem(cfg, device)
     model.load_state_dict(state["model"])
     return model.eval()

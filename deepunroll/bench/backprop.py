@@ -4,7 +4,7 @@ Bytes saved for backward are counted exactly with ``saved_tensors_hooks`` (deepu
 so they are the same on any device; on a GPU ``torch.cuda.max_memory_allocated`` is recorded too.
 Baseline: ``full`` at the same K. ``checkpoint`` stores each iteration's input state through its own
 saved-tensor hooks, which hide them from ours: they are added explicitly (``Checkpointed.kept_bytes``). Every mode runs exactly K forward iterations (tolerances 0;
-restarted_jfb: 1 restart block of K, then m=1 differentiated step; deq: K forward iterations, then an
+restarted_jfb: 1 restart block of K (warm-started from the second step), then m=1 differentiated step; deq: K forward iterations, then an
 adjoint solve to 1e-6 or 50 iterations).
 
     python scripts/bench.py backprop [--depths 10 20 50 100] [--problems toy eit] [--out results/bench_backprop.csv]
@@ -47,7 +47,7 @@ def measure(problem: str, mode: str, depth: int, batch: int, device: torch.devic
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        x_hat, saved = count_saved_bytes(model, y, x0)
+        x_hat, saved = count_saved_bytes(model, y, x0, index=torch.arange(batch))  # restarted_jfb: warm from step 2
         saved += getattr(model.backprop, "kept_bytes", 0)  # checkpoint's own hooks hide its kept inputs from ours
         loss = torch.nn.functional.mse_loss(x_hat, x)
         optimizer.zero_grad(set_to_none=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from deepunroll.nets.direction import DataFit
@@ -30,6 +32,15 @@ class DataTerm:
         self.raw = self.data_fit.kind == "raw"
         # y as LPD's dual blocks see it (B, *out_shape), network dtype: computed once per batch
         self.target = y if self.raw else self.data_fit.measurements(y.to(torch.float64)).to(y.dtype)
+
+    def with_operator_graph(self, through_operator: bool) -> "DataTerm":
+        """This data term (same y and presentation) with ``through_operator`` set: self if it already is, else a
+        shallow copy. Fixed-point modes use it for the map whose Jacobian they differentiate (``jacobian=full``)."""
+        if self.through_operator == through_operator:
+            return self
+        other = copy.copy(self)
+        other.through_operator = through_operator
+        return other
 
     def _physics(self, fn, *args: torch.Tensor) -> torch.Tensor:
         """fn(*args) in full precision, detached unless ``through_operator``; float64 unless ``raw``."""

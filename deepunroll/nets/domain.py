@@ -28,10 +28,15 @@ class GridDomainNet(nn.Module):
         """The mesh operator (what the data were measured with)."""
         return self.net.operator.mesh_operator
 
-    def forward(self, y: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, x0: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``index`` (B,): dataset indices, passed on to the grid network (``restarted_jfb`` warm starts)."""
         self.operator.check_input(x0, "x0")
         grid = self.net.operator.grid
-        return grid.to_mesh(self.net(y, grid.to_grid(x0)))
+        return grid.to_mesh(self.net(y, grid.to_grid(x0), index=index))
+
+    def diagnostics(self, y: torch.Tensor, x0: torch.Tensor, n_power: int = 5) -> dict[str, float]:
+        """:meth:`UnrolledNet.diagnostics` of the grid network, from x0 on the mesh (B, n_elems)."""
+        return self.net.diagnostics(y, self.net.operator.grid.to_grid(x0), n_power)
 
     @torch.no_grad()
     def reconstruct(self, y: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:

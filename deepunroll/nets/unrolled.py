@@ -80,8 +80,15 @@ class UnrolledNet(nn.Module):
         return self.step.output(state)
 
     def diagnostics(self, y: torch.Tensor, x0: torch.Tensor, n_power: int = 5) -> dict[str, float]:
-        """For a weight-tied map: its Lipschitz estimate at the state reached from x0 (``lipschitz``) and the
-        step's learned scalars (``step.learned_scalars()``, e.g. step size); {} otherwise."""
+        """For a weight-tied map T: Lipschitz estimates ||J_T(z)||_2 (:func:`jacobian_norm`) at the state z reached
+        by ``n_iter`` iterations from x0, and the step's learned scalars (``step.learned_scalars()``); {} otherwise.
+
+        ``lipschitz``: the map the forward pass iterates, its data-fit term differentiated through the
+        operator (whatever ``grad_through_operator`` says). ``lipschitz_detached`` (only with
+        ``grad_through_operator=False``): the map with F(x), J(x) and the data-fit direction held constant,
+        the one training differentiates in ``full`` mode and with ``net.fixed_point.jacobian=detached``.
+        y: (B, *out_shape), x0: (B, *in_shape).
+        """
         if not self.weight_tied:
             return {}
         from deepunroll.nets.lipschitz import jacobian_norm
@@ -92,8 +99,15 @@ class UnrolledNet(nn.Module):
             for k in range(self.n_iter):
                 z = self.iteration(0, z, data)
         flat = FlatState(z)
-        T = lambda u: flat.flatten(self.iteration(0, flat.unflatten(u), data))  # noqa: E731
-        out = {"lipschitz": jacobian_norm(T, flat.flatten(z), n_power)}
+
+        def norm(through_operator: bool) -> float:
+            d = data.with_operator_graph(through_operator)
+            return jacobian_norm(lambda u: flat.flatten(self.iteration(0, flat.unflatten(u), d)), flat.flatten(z),
+                                 n_power)
+
+        out = {"lipschitz": norm(True)}
+        if not self.grad_through_operator:
+            out["lipschitz_detached"] = norm(False)
         scalars = getattr(self.step, "learned_scalars", None)
         return out | (scalars() if scalars else {})
 

@@ -8,13 +8,22 @@ fixed-point modes use the weight-tied map T(z) = net.iteration(0, z, data) (same
 - ``checkpoint``     ``torch.utils.checkpoint`` per iteration: same gradients, iterates recomputed.
 - ``jfb``            up to ``n_iter`` iterations without a graph (stop when the relative residual
                      ||T(z) - z|| / ||T(z)|| <= ``tol``), then ``m`` differentiated applications.
-- ``restarted_jfb``  ``restarts`` blocks of ``n_iter`` iterations without a graph, each starting from
-                     the previous block's output, then ``m`` differentiated applications; with
-                     ``warm_start`` each training sample starts from its last fixed point (by dataset index).
+- ``restarted_jfb``  the restarted JFB of Davy, Briceno-Arias, Pustelnik 2025 (arXiv 2506.13239): in
+                     training every forward pass of a sample restarts from that sample's previous output
+                     (by dataset index; its first pass starts from z0), runs ``restarts`` blocks of
+                     ``n_iter`` iterations without a graph, then ``m`` differentiated applications; the
+                     outputs are kept per sample (:class:`WarmStarts`, saved in the trainer's checkpoints).
+                     In eval mode every pass starts from z0.
 - ``deq``            solve z* = T(z*) without a graph (``solver``: fixed_point | anderson, ``tol``, at most
                      ``n_iter`` iterations), apply T once with a graph, and replace the incoming gradient
                      g by the solution of the adjoint equation u = J_T(z*)^T u + g (same solver,
                      ``backward_tol``, ``backward_max_iter``): the implicit (DEQ) gradient.
+
+``jacobian`` (full | detached) chooses the map whose Jacobian J_T the fixed-point modes differentiate in z
+(deq's adjoint equation, the 2nd to m-th differentiated applications of jfb / restarted_jfb): ``full`` is
+the map the forward pass iterates, with the data-fit term differentiated through the operator even when
+``net.grad_through_operator=false``; ``detached`` holds F(x), J(x) and the data-fit direction constant.
+The parameter gradient dT/dtheta at a fixed z is the same under both (the operator has no parameters).
 """
 
 from __future__ import annotations
@@ -28,6 +37,9 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 MODES = ("full", "checkpoint", "jfb", "restarted_jfb", "deq")
 FIXED_POINT_MODES = ("jfb", "restarted_jfb", "deq")
 SOLVERS = ("fixed_point", "anderson")
+JACOBIANS = ("full", "detached")
+WARM_START_REFUSED = ("net.fixed_point.warm_start=false: restarted_jfb always restarts each training sample from its "
+                      "previous output (Davy et al. 2025); use net.backprop=jfb for passes that start from x0")
 
 
 @dataclass
@@ -37,7 +49,8 @@ class FixedPointSettings:
     tol: float = 1e-4               # forward relative residual (jfb, deq); 0: always run n_iter iterations
     m: int = 1                      # differentiated applications of T (jfb, restarted_jfb)
     restarts: int = 3               # R no-graph blocks of n_iter iterations (restarted_jfb)
-    warm_start: bool = False        # restarted_jfb: start each training sample from its last fixed point
+    warm_start: bool = True         # restarted_jfb restarts each training sample from its last output; false is refused
+    jacobian: str = "full"          # J_T of deq's adjoint and of jfb's 2nd..m-th steps: full | detached (module doc)
     solver: str = "anderson"        # deq forward and adjoint solves: fixed_point | anderson
     anderson_memory: int = 5        # past iterates mixed by Anderson acceleration
     backward_tol: float = 1e-8      # deq: relative residual of the adjoint solve
@@ -146,6 +159,11 @@ class Checkpointed:
         return z
 
 
+def _map_data(data, settings: FixedPointSettings):
+    """The data term of the map J_T describes: operator differentiated (``full``) or held constant (``detached``)."""
+    return data.with_operator_graph(settings.jacobian == "full")
+
+
 class JFB:
     """Jacobian-free backpropagation: iterate to ``tol`` (at most n_iter) without a graph, differentiate m steps."""
 
@@ -163,7 +181,8 @@ class JFB:
         return flat.unflatten(u)
 
     def _differentiated(self, net, z, data):
-        z = _detach(z)
+        """m applications of T from z (detached); from the 2nd on J_T is that of ``settings.jacobian``."""
+        z, data = _detach(z), _map_data(data, self.settings)
         for _ in range(self.settings.m):
             z = net.iteration(0, z, data)
         return z
@@ -173,17 +192,86 @@ class JFB:
         return self._differentiated(net, z, data)
 
 
+class WarmStarts:
+    """The last output state of every training sample, by dataset index, for restarted JFB.
+
+    One preallocated tensor per state leaf, (capacity, *leaf shape without its batch dimension), on the
+    device of the states it receives, and a boolean ``seen`` mask (capacity,); reads and writes are
+    single gather / scatter operations. The capacity grows (at least doubling) to the largest index seen.
+    Leaves are given batch-first: (B, ...) rows for the dataset indices ``index`` (B,).
+    """
+
+    def __init__(self) -> None:
+        self.leaves: list[torch.Tensor | None] | None = None
+        self.seen: torch.Tensor | None = None  # (capacity,) bool
+
+    def __len__(self) -> int:
+        return 0 if self.seen is None else int(self.seen.sum())
+
+    def _reserve(self, rows: list[torch.Tensor | None], capacity: int) -> None:
+        if self.leaves is None:
+            self.leaves = [None if r is None else r.new_zeros((0, *r.shape[1:])) for r in rows]
+            self.seen = torch.zeros(0, dtype=torch.bool, device=next(r for r in rows if r is not None).device)
+        if capacity <= self.seen.shape[0]:
+            return
+        capacity = max(capacity, 2 * self.seen.shape[0])
+        grow = capacity - self.seen.shape[0]
+        self.leaves = [None if t is None else torch.cat([t, t.new_zeros((grow, *t.shape[1:]))]) for t in self.leaves]
+        self.seen = torch.cat([self.seen, self.seen.new_zeros(grow)])
+
+    def _to(self, device: torch.device) -> None:
+        if self.seen is not None and self.seen.device != device:
+            self.leaves = [None if t is None else t.to(device) for t in self.leaves]
+            self.seen = self.seen.to(device)
+
+    def read(self, index: torch.Tensor, rows: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """``rows`` with the stored state in place of every row whose index has been written before."""
+        if self.seen is None:
+            return rows
+        device = next(r for r in rows if r is not None).device
+        self._to(device)
+        index, capacity = index.to(device), self.seen.shape[0]
+        at = index.clamp(max=capacity - 1)
+        seen = self.seen[at] & (index < capacity)  # (B,)
+        return [None if r is None else torch.where(seen.view(-1, *[1] * (r.dim() - 1)), t[at].to(r.dtype), r)
+                for r, t in zip(rows, self.leaves)]
+
+    def write(self, index: torch.Tensor, rows: list[torch.Tensor | None]) -> None:
+        """Store ``rows`` (detached) as the states of ``index``."""
+        self._reserve(rows, int(index.max()) + 1)
+        self._to(next(r for r in rows if r is not None).device)
+        index = index.to(self.seen.device)
+        for t, r in zip(self.leaves, rows):
+            if t is not None:
+                t[index] = r.detach().to(t.dtype)
+        self.seen[index] = True
+
+    def state_dict(self) -> dict:
+        """Plain data for a checkpoint: {"index": (n,) int64, "leaves": [(n, ...) tensor or None per leaf]}."""
+        if self.seen is None:
+            return {"index": torch.zeros(0, dtype=torch.int64), "leaves": []}
+        index = self.seen.nonzero().flatten()
+        return {"index": index, "leaves": [None if t is None else t[index] for t in self.leaves]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the contents with a :meth:`state_dict` (an empty one clears them)."""
+        self.leaves, self.seen = None, None
+        index, leaves = state["index"], state["leaves"]
+        if index.numel():
+            self.write(index, leaves)
+
+
 class RestartedJFB(JFB):
-    """R no-graph restarts of an n_iter-step block, then m differentiated steps; optional per-sample warm start."""
+    """Restarted JFB: each training pass of a sample starts from its previous output (:class:`WarmStarts`)."""
 
     mode = "restarted_jfb"
 
     def __init__(self, settings: FixedPointSettings) -> None:
         super().__init__(settings)
-        self.cache: dict[int, list[torch.Tensor]] = {}  # dataset index -> leaves of its last fixed point
-        self._batch_dims: list[int] | None = None
+        self.cache = WarmStarts()
+        self._batch_dims: list[int | None] | None = None
 
-    def batch_dims(self, net, z, data) -> list[int]:
+    def batch_dims(self, net, z, data) -> list[int | None]:
         """The batch dimension of every state leaf (RMA's recurrent state is (layers, B, hidden))."""
         if self._batch_dims is None:
             x1, y1 = net.step.output(z[0])[:1].detach(), data.y[:1]
@@ -193,38 +281,30 @@ class RestartedJFB(JFB):
                                 for a, b in zip(one, two)]
         return self._batch_dims
 
-    def _warm(self, net, z, data, index):
+    def _rows(self, net, z, data) -> tuple[list[torch.Tensor | None], object]:
+        """The state's leaves batch-first, and the tree spec to rebuild it."""
         leaves, spec = tree_flatten(z)
         dims = self.batch_dims(net, z, data)
-        out = []
-        for leaf, dim in zip(leaves, dims):
-            if leaf is None:
-                out.append(None)
-                continue
-            rows = list(leaf.unbind(dim))
-            for i, idx in enumerate(index.tolist()):
-                if idx in self.cache:
-                    rows[i] = self.cache[idx][len(out)].to(leaf)
-            out.append(torch.stack(rows, dim))
-        return tree_unflatten(out, spec)
+        return [None if t is None else t.movedim(d, 0) for t, d in zip(leaves, dims)], spec
 
-    def _store(self, net, z, data, index):
-        leaves, _ = tree_flatten(_detach(z))
-        dims = self.batch_dims(net, z, data)
-        for i, idx in enumerate(index.tolist()):
-            self.cache[idx] = [None if leaf is None else leaf.select(dim, i).clone() for leaf, dim in zip(leaves, dims)]
+    def _unrows(self, rows, spec):
+        return tree_unflatten([None if r is None else r.movedim(0, d) for r, d in zip(rows, self._batch_dims)], spec)
 
     def __call__(self, net, z, data, index=None):
-        warm = self.settings.warm_start and net.training and index is not None
-        if warm:
-            z = self._warm(net, z, data, index)
+        if net.training:
+            if index is None:
+                raise ValueError("net.backprop=restarted_jfb restarts every training sample from its previous output "
+                                 "and needs its dataset index: call net(y, x0, index=...) (the trainer passes "
+                                 "batch['index']) or use net.backprop=jfb")
+            rows, spec = self._rows(net, z, data)
+            z = self._unrows(self.cache.read(index, rows), spec)
         with torch.no_grad():
             for _ in range(self.settings.restarts):  # each block starts from the previous block's output
                 for _ in range(net.n_iter):
                     z = net.iteration(0, z, data)
         z = self._differentiated(net, z, data)
-        if warm:
-            self._store(net, z, data, index)
+        if net.training:
+            self.cache.write(index, self._rows(net, _detach(z), data)[0])
         return z
 
 
@@ -241,12 +321,12 @@ class DEQ:
     def __call__(self, net, z, data, index=None):
         s = self.settings
         flat = FlatState(z)
-        T = lambda u: flat.flatten(net.iteration(0, flat.unflatten(u), data))  # noqa: E731
         with torch.no_grad():
             u_star, self.last_iterations, self.last_residual = solve(
-                T, flat.flatten(z), net.n_iter, s.tol, s.solver, s.anderson_memory)
+                lambda u: flat.flatten(net.iteration(0, flat.unflatten(u), data)), flat.flatten(z), net.n_iter,
+                s.tol, s.solver, s.anderson_memory)
         u = u_star.detach().requires_grad_(torch.is_grad_enabled())
-        Tu = T(u)
+        Tu = flat.flatten(net.iteration(0, flat.unflatten(u), _map_data(data, s)))  # J_T of settings.jacobian
         if Tu.requires_grad:
             busy = [False]
 
@@ -266,6 +346,15 @@ class DEQ:
         return flat.unflatten(Tu)
 
 
+def warm_starts(model: torch.nn.Module) -> WarmStarts | None:
+    """The restarted-JFB warm starts of ``model`` (an UnrolledNet, or a wrapper such as GridDomainNet), or None."""
+    for module in model.modules():
+        strategy = getattr(module, "backprop", None)
+        if isinstance(strategy, RestartedJFB):
+            return strategy.cache
+    return None
+
+
 def make_backprop(mode: str = "full", fixed_point: dict | FixedPointSettings | None = None):
     """The strategy for ``net.backprop=mode`` with ``net.fixed_point.*`` settings."""
     if mode not in MODES:
@@ -281,6 +370,10 @@ def make_backprop(mode: str = "full", fixed_point: dict | FixedPointSettings | N
         settings = FixedPointSettings(**given)
     if settings.solver not in SOLVERS:
         raise ValueError(f"net.fixed_point.solver={settings.solver!r}; expected one of {', '.join(SOLVERS)}")
+    if settings.jacobian not in JACOBIANS:
+        raise ValueError(f"net.fixed_point.jacobian={settings.jacobian!r}; expected one of {', '.join(JACOBIANS)}")
+    if mode == "restarted_jfb" and not settings.warm_start:
+        raise ValueError(WARM_START_REFUSED)
     if mode == "full":
         return Full()
     if mode == "checkpoint":

@@ -14,6 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from deepunroll.train import checkpoint, distributed
+from deepunroll.train.backprop import warm_starts
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,6 +87,11 @@ class Trainer:
             "config": self.record,
         }
 
+    def _resume_state(self) -> dict:
+        """:meth:`_state` plus what only resuming needs: restarted JFB's per-sample warm starts (``warm_starts``)."""
+        cache = warm_starts(self.model)
+        return self._state() | ({"warm_starts": cache.state_dict()} if cache is not None else {})
+
     def _restore(self) -> None:
         state = checkpoint.load(self.last_path, self.device)
         self.model.load_state_dict(state["model"])
@@ -94,6 +100,9 @@ class Trainer:
         self.epoch, self.best_val = state["epoch"], state["best_val"]
         self.history, self.skipped_steps = state["history"], state["skipped_steps"]
         checkpoint.restore_rng_states(state["rng"])
+        cache = warm_starts(self.model)
+        if cache is not None and "warm_starts" in state:  # checkpoints written before warm starts were saved: cold
+            cache.load_state_dict(state["warm_starts"])
 
     def check_run_dir(self) -> None:
         """Fail before any work if resuming without a checkpoint, or starting over an existing one."""
@@ -211,10 +220,9 @@ class Trainer:
                     scalars = {"train/loss": train_loss, "val/loss": val_loss, "train/lr": lr}
                     for name, value in (scalars | {f"diag/{k}": v for k, v in diagnostics.items()}).items():
                         writer.add_scalar(name, value, self.epoch)
-                    state = self._state()
                     if improved:  # best first: a run killed between the two writes redoes this epoch
-                        checkpoint.save_atomic(state, self.best_path)
-                    checkpoint.save_atomic(state, self.last_path)
+                        checkpoint.save_atomic(self._state(), self.best_path)
+                    checkpoint.save_atomic(self._resume_state(), self.last_path)  # resume reads last.pt alone
                     tqdm.write(
                         f"epoch {self.epoch:>3}/{self.settings.epochs}  train {train_loss:.4e}  val {val_loss:.4e}"
                         + ("  *best" if improved else "")
