@@ -108,8 +108,8 @@ def depth_scores(run_dir: Path) -> dict:
     x_depth, _, _ = iterate(net, y, x0, depth)
     x_fp, iterations, residual = iterate(net, y, x0, FP_MAX_ITER, FP_TOL)
     net.train()
-    batch = slice(0, int(cfg.train.batch_size))
-    _, saved = count_saved_bytes(net, y[batch], x0[batch])
+    batch = int(cfg.train.batch_size)  # a training pass (restarted JFB reads the samples' dataset indices)
+    _, saved = count_saved_bytes(net, y[:batch], x0[:batch], index=torch.arange(batch))
     steps_per_epoch = -(-int(cfg.data.splits.train) // int(cfg.train.batch_size))
     out = {"trained_depth": depth,
            "mse_trained_depth": float(metrics.mse(x_depth.to(x.dtype), x).mean()),
