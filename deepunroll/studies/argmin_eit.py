@@ -1,5 +1,9 @@
-"""Issue 9 experiment (b): LPGD-RMA followed by a labelling layer on EIT, trained end to end with the
-``lagrangian`` or ``straight_through`` backward, against post-hoc labelling (see deepunroll/studies/argmin.py)."""
+"""LPGD-RMA followed by a labelling layer on EIT, trained end to end with the ``lagrangian`` or
+``straight_through`` backward, against post-hoc labelling of the plain network (the argmin-layer study's
+EIT part; its Huber-TV part is deepunroll/studies/argmin.py).
+
+    python scripts/reproduce.py study=argmin_eit [profile=tiny|quick]
+"""
 
 from __future__ import annotations
 
@@ -14,10 +18,17 @@ from deepunroll import metrics
 from deepunroll.nets.argmin import ICM, ArgminLayer
 from deepunroll.nets.energies import LabelEnergy
 from deepunroll.studies.common import format_mean_std
+from deepunroll.tables import write_csv
 from deepunroll.train.checkpoint import seed_everything
 
 EIT_METHODS = ("gauss_newton", "lpgd_rma", "post_hoc_nearest", "post_hoc_icm", "lagrangian", "straight_through")
 EIT_COLUMNS = ["method", "seed", "rel_err", "label_acc", "test_psnr", "finetune_seconds"]
+PROFILES = {
+    "tiny": {"seeds": [0], "h0": 0.3, "n_train": 16, "n_val": 4, "n_test": 8, "n_iter": 2, "pre_epochs": 1,
+             "fine_epochs": 1, "batch": 8, "noise": 0.01},
+    "quick": {"seeds": [0, 1, 2, 3, 4], "h0": 0.2, "n_train": 100, "n_val": 8, "n_test": 64, "n_iter": 6,
+              "pre_epochs": 15, "fine_epochs": 10, "batch": 8, "noise": 0.01},
+}
 EIT = {"labels": [0.5, 1.0, 2.0], "mu": 0.05, "tau": 0.5, "icm_sweeps": 5, "lr": 1e-3, "grad_clip": 1.0}
 
 
@@ -146,3 +157,35 @@ def eit_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run(profile: str = "quick", out_dir: str | Path = ".") -> dict:
+    """Run every seed; writes out_dir/results/argmin_eit.{csv,md} and out_dir/figures/argmin_eit.png."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile={profile!r}; expected one of {sorted(PROFILES)}")
+    out_dir = Path(out_dir)
+    cfg = PROFILES[profile]
+    eit_rows, figure_data = [], None
+    for seed in cfg["seeds"]:
+        rows, outputs, geometry = eit_seed(seed, cfg, out_dir)
+        eit_rows += rows
+        for r in rows:
+            print(f"[eit] seed {seed} {r['method']}: rel err {r['rel_err']:.4f}, label acc {r['label_acc']:.4f}",
+                  flush=True)
+        if figure_data is None:
+            figure_data = (outputs, geometry)
+    settings = (f"h0 {cfg['h0']}, noise {cfg['noise']}, {cfg['n_train']} training / "
+                f"{cfg['n_test']} test phantoms, LPGD-RMA "
+                f"with {cfg['n_iter']} iterations pre-trained {cfg['pre_epochs']} epochs, then "
+                f"{cfg['fine_epochs']} more epochs per branch; labels {EIT['labels']}, mu {EIT['mu']}, "
+                f"lagrangian central tau {EIT['tau']} (loss: squared error summed over the batch); "
+                f"{len(cfg['seeds'])} seed(s), mean ± std")
+    write_csv(eit_rows, out_dir / "results" / "argmin_eit.csv", EIT_COLUMNS)
+    (out_dir / "results" / "argmin_eit.md").write_text(
+        f"# LPGD-RMA + labelling layer on EIT ({profile} profile)\n\n{settings}\n\n{eit_table(eit_rows)}\n")
+
+    from deepunroll.viz import plot_mesh_reconstructions
+
+    outputs, (x_test, nodes, elements) = figure_data
+    columns = {"ground truth": x_test, "LPGD-RMA": outputs["lpgd_rma"], "post-hoc label (ICM)": outputs["post_hoc_icm"],
+               "lagrangian e2e": outputs["lagrangian"], "straight-through e2e": outputs["straight_through"]}
+    figure = plot_mesh_reconstructions(columns, nodes, elements, out_dir / "figures" / "argmin_eit.png", n_samples=4)
+    return {"eit": eit_rows, "figure": figure}

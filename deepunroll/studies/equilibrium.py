@@ -3,24 +3,25 @@
 Trains the Plug-and-Play forward-backward model (learned step size gamma and regularisation level
 sigma around a small CNN denoiser, spectrally normalised) and the weight-tied LPGD under
 ``full`` at K=10 and K=20, ``jfb``, ``restarted_jfb`` (warm-started) and ``deq``, over several seeds,
-as ordinary runs of :func:`deepunroll.pipeline.train`. Writes results/equilibrium.csv (one row per
-run), results/equilibrium.md (mean +- std over seeds) and figures/equilibrium_step_size.png.
+as resumable runs of :func:`deepunroll.studies.common.run_one`. Every trained model is scored three
+ways on the test split: its own forward pass (cold, as trained), iterated to the depth a training
+sample reached, and iterated to its fixed point. Writes results/equilibrium.csv (one row per run),
+results/equilibrium.md (mean +- std over seeds) and figures/equilibrium_step_size.png.
 
-    python -m deepunroll.studies.equilibrium --profile quick|paper [--out-dir .]
+    python scripts/reproduce.py study=equilibrium [profile=quick|paper] [workers=2]
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import math
-import shutil
-import time
 from pathlib import Path
 
 import torch
 
 from deepunroll import metrics
-from deepunroll.pipeline import compose_config, load_datasets, load_model, train
+from deepunroll.pipeline import compose_config, load_checkpoint_config, load_datasets, load_model
+from deepunroll.studies.common import RESULT, run_one
 from deepunroll.tables import write_csv
 from deepunroll.train import checkpoint
 from deepunroll.train.memory import count_saved_bytes
@@ -37,66 +38,135 @@ MODES = {
             "net.fixed_point.backward_tol=1e-6"],
 }
 PROFILES = {
+    "tiny": {"seeds": [0], "overrides": ["data.splits.train=64", "data.splits.val=16", "data.splits.test=32",
+                                         "train.epochs=2", "train.batch_size=16"]},  # the test of this study
     "quick": {"seeds": [0, 1, 2], "overrides": ["data.splits.train=1024", "data.splits.val=128", "data.splits.test=256",
                                                  "train.epochs=6", "train.batch_size=32"]},
     "paper": {"seeds": [0, 1, 2, 3, 4], "overrides": ["data.splits.train=4000", "data.splits.val=500",
                                                        "data.splits.test=500", "train.epochs=30", "train.batch_size=32"]},
 }
-COLUMNS = ["model", "mode", "seed", "test_mse", "test_psnr", "train_seconds", "saved_bytes", "final_step_size",
-           "final_lipschitz", "nonfinite_steps"]
+COLUMNS = ["model", "mode", "seed", "test_mse", "test_psnr", "trained_depth", "mse_trained_depth",
+           "psnr_trained_depth", "fp_iterations", "fp_residual", "mse_fixed_point", "psnr_fixed_point",
+           "train_seconds", "saved_bytes", "final_step_size", "final_lipschitz", "skipped_steps", "train_steps",
+           "git_commit"]
+FP_TOL, FP_MAX_ITER = 1e-5, 3000  # fixed point: relative residual ||T(z) - z|| / ||T(z)|| of the test batch
 
 
-def one_run(model: str, mode: str, seed: int, profile: str, out_dir: Path) -> tuple[dict, list[dict]]:
-    """Train one (model, mode, seed) into out_dir/runs/equilibrium/...; returns (table row, history)."""
-    cfg = compose_config(MODELS[model] + MODES[mode] + PROFILES[profile]["overrides"] + [
-        f"seed={seed}", "train.device=cpu", "train.on_nonfinite=skip", f"name=equilibrium_{model}_{mode}",
-        f"data.root={out_dir / 'data'}"])
-    run_dir = out_dir / "runs" / "equilibrium" / profile / f"{model}_{mode}_s{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    start = time.perf_counter()
-    result = train(cfg, run_dir)
-    seconds = time.perf_counter() - start
-    net = load_model(result["best"])
-    operator = net.operator
-    test = load_datasets(cfg, operator, splits=("test",))["test"]
-    x, y, x0 = test.x, test.y, test.x0
-    x_hat = net.reconstruct(y, x0).to(x.dtype)
+def trained_depth(cfg, epochs: int) -> int:
+    """Iterations of T a training sample has seen after ``epochs`` epochs.
+
+    ``full``: n_iter; ``jfb``: at most n_iter + m; ``deq``: at most n_iter + 1; ``restarted_jfb``
+    restarts each sample from its last fixed point, so it has been iterated epochs x (R n_iter + m) times.
+    """
+    fp, mode, k = cfg.net.fixed_point, cfg.net.backprop, int(cfg.net.n_iter)
+    if mode == "restarted_jfb":
+        return epochs * (int(fp.restarts) * k + int(fp.m))
+    return {"full": k, "checkpoint": k, "jfb": k + int(fp.m), "deq": k + 1}[mode]
+
+
+@torch.no_grad()
+def iterate(net, y: torch.Tensor, x0: torch.Tensor, max_iter: int, tol: float = 0.0
+            ) -> tuple[torch.Tensor, int, float]:
+    """x after up to ``max_iter`` applications of the weight-tied map T from z0(x0), cold, without a graph.
+
+    With ``tol`` > 0 the loop stops once ||T(z) - z|| / ||T(z)|| <= tol over the whole batch; it also
+    stops when the residual stops being finite (the iterates diverged). Returns (x (B, *in_shape),
+    iterations, last relative residual: nan when not computed (tol = 0) or diverged).
+    """
+    from deepunroll.nets.data_term import DataTerm
+    from deepunroll.train.backprop import FlatState
+
+    net.eval()
+    data = DataTerm(net.operator, y, net.grad_through_operator, net.data_fit)
+    z = net.initial_state(x0, y)
+    flat = FlatState(z)
+    u, residual = flat.flatten(z), float("nan")
+    for i in range(1, max_iter + 1):
+        fu = flat.flatten(net.iteration(0, flat.unflatten(u), data))
+        if tol > 0:
+            residual = float((fu - u).double().norm() / fu.double().norm())
+        u = fu
+        if not math.isfinite(residual) and tol > 0 or residual <= tol:
+            break
+    return net.step.output(flat.unflatten(u)[0]), i, residual
+
+
+def depth_scores(run_dir: Path) -> dict:
+    """Test MSE / PSNR of a finished run at its trained depth and at its fixed point, saved bytes, skipped
+    steps, and the last logged step size and Lipschitz estimate; computed once (equilibrium.json)."""
+    path = run_dir / "equilibrium.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    best = run_dir / "checkpoints" / "best.pt"
+    cfg = load_checkpoint_config(best)
+    net = load_model(best)
+    test = load_datasets(cfg, net.operator, splits=("test",))["test"]
+    x, y, x0 = test.x, test.y.float(), test.x0.float()
+    last = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    history = last["history"]
+    depth = trained_depth(cfg, min(history, key=lambda h: h["val_loss"])["epoch"])  # best.pt's epoch
+    x_depth, _, _ = iterate(net, y, x0, depth)
+    x_fp, iterations, residual = iterate(net, y, x0, FP_MAX_ITER, FP_TOL)
     net.train()
-    batch = slice(0, cfg.train.batch_size)
-    _, saved = count_saved_bytes(net, y[batch].to(x.dtype), x0[batch])
-    history = result["history"]
-    skipped = checkpoint.load(Path(result["last"]))["skipped_steps"]
-    row = {"model": model, "mode": mode, "seed": seed, "test_mse": float(metrics.mse(x_hat, x).mean()),
-           "test_psnr": float(metrics.psnr(x_hat, x).mean()), "train_seconds": seconds, "saved_bytes": saved,
-           "final_step_size": history[-1].get("step_size", ""), "final_lipschitz": history[-1].get("lipschitz", ""),
-           "nonfinite_steps": skipped}
-    return row, history
+    batch = int(cfg.train.batch_size)  # a training pass (restarted JFB reads the samples' dataset indices)
+    _, saved = count_saved_bytes(net, y[:batch], x0[:batch], index=torch.arange(batch))
+    steps_per_epoch = -(-int(cfg.data.splits.train) // int(cfg.train.batch_size))
+    out = {"trained_depth": depth,
+           "mse_trained_depth": float(metrics.mse(x_depth.to(x.dtype), x).mean()),
+           "psnr_trained_depth": float(metrics.psnr(x_depth.to(x.dtype), x).mean()),
+           "fp_iterations": iterations, "fp_residual": residual,
+           "mse_fixed_point": float(metrics.mse(x_fp.to(x.dtype), x).mean()),
+           "psnr_fixed_point": float(metrics.psnr(x_fp.to(x.dtype), x).mean()),
+           "saved_bytes": saved, "final_step_size": history[-1].get("step_size", ""),
+           "final_lipschitz": history[-1].get("lipschitz", ""), "skipped_steps": last["skipped_steps"],
+           "train_steps": len(history) * steps_per_epoch}
+    path.write_text(json.dumps(out, indent=1))
+    return out
 
 
-def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if math.isfinite(v)]
+def _mean_std(values: list) -> str:
+    values = [float(v) for v in values if v != "" and math.isfinite(float(v))]
     if not values:
-        return "n/a"
+        return "-"
     mean = sum(values) / len(values)
     std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
     return f"{mean:.4g} ± {std:.2g}"
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | mode | test MSE | test PSNR (dB) | train time (s) | saved MiB (batch 32) | step size | Lipschitz |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """Markdown: per (model, mode), mean ± std over seeds of the test MSE three ways, and the diagnostics."""
+    lines = ["| model | mode | test MSE, as trained | trained depth | test MSE at trained depth | "
+             f"test MSE at fixed point | iterations to tol {FP_TOL:g} | skipped steps | train time (s) | "
+             "saved MiB | step size | Lipschitz |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for model in MODELS:
         for mode in MODES:
             rs = [r for r in rows if r["model"] == model and r["mode"] == mode]
             if not rs:
                 continue
-            step = [float(r["final_step_size"]) for r in rs if r["final_step_size"] != ""]
-            lip = [float(r["final_lipschitz"]) for r in rs if r["final_lipschitz"] != ""]
-            lines.append(f"| {model} | {mode} | {_mean_std([r['test_mse'] for r in rs])} | "
-                         f"{_mean_std([r['test_psnr'] for r in rs])} | {_mean_std([r['train_seconds'] for r in rs])} | "
-                         f"{rs[0]['saved_bytes'] / 2**20:.2f} | {_mean_std(step) if step else '-'} | "
-                         f"{_mean_std(lip) if lip else '-'} |")
+            converged = sum(float(r["fp_residual"]) <= FP_TOL for r in rs)
+            diverged = sum(not math.isfinite(float(r["fp_residual"])) for r in rs)
+            depths = ", ".join(str(r["trained_depth"]) for r in rs)
+            skipped = ", ".join(f"{r['skipped_steps']}/{r['train_steps']}" for r in rs)
+            lines.append(
+                f"| {model} | {mode} | {_mean_std([r['test_mse'] for r in rs])} | {depths} | "
+                f"{_mean_std([r['mse_trained_depth'] for r in rs])} | {_mean_std([r['mse_fixed_point'] for r in rs])} | "
+                f"{_mean_std([r['fp_iterations'] for r in rs])} ({converged}/{len(rs)} converged, {diverged} diverged) | {skipped} | "
+                f"{_mean_std([r['train_seconds'] for r in rs])} | {rs[0]['saved_bytes'] / 2**20:.2f} | "
+                f"{_mean_std([r['final_step_size'] for r in rs])} | {_mean_std([r['final_lipschitz'] for r in rs])} |")
     return "\n".join(lines)
+
+
+DESCRIPTION = (
+    "Test MSE three ways: *as trained* is the model's own forward pass from x0 (cold; what "
+    "`scripts/evaluate.py` reports); *at trained depth* iterates the map from x0 as many times as a training "
+    "sample was iterated by the best epoch (restarted JFB restarts every sample from its last fixed point, so "
+    "its depth grows with the epochs; one depth per seed); *at fixed point* iterates until the relative "
+    f"residual of the whole test batch is <= {FP_TOL:g} (at most {FP_MAX_ITER} iterations; *diverged*: the iterates "
+    "stopped being finite, and the MSE there is left out). Skipped steps: "
+    "training steps whose loss or gradients were not finite (`train.on_nonfinite=skip`), of all steps, per seed. "
+    "Saved MiB: tensors autograd keeps for backward at the training batch size. Generated by "
+    "`python scripts/reproduce.py study=equilibrium`.")
 
 
 def plot_step_size(histories: dict, path: Path, initial: float) -> None:
@@ -119,39 +189,51 @@ def plot_step_size(histories: dict, path: Path, initial: float) -> None:
     plt.close(fig)
 
 
-def run(profile: str = "quick", out_dir: str | Path = ".") -> list[dict]:
-    """Run the study; writes out_dir/results/equilibrium.{csv,md} and out_dir/figures/equilibrium_step_size.png."""
+def run(profile: str = "quick", out_dir: str | Path = ".", runs_dir: str | Path | None = None,
+        report_only: bool = False) -> list[dict]:
+    """Run (or resume) the study; writes out_dir/results/equilibrium.{csv,md} and figures/equilibrium_step_size.png.
+
+    Runs live in ``runs_dir/equilibrium_<profile>/`` (default out_dir/runs/reproduce): each is claimed by one
+    process and done when its result.json exists, so the command resumes after an interruption and can be
+    started twice (``workers=2``). ``report_only``: train nothing, tabulate the finished runs.
+    """
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r}; expected one of {sorted(PROFILES)}")
     out_dir = Path(out_dir)
-    torch.set_num_threads(1)
-    rows, pnp_histories = [], {}
+    runs_dir = (Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce") / f"equilibrium_{profile}"
+    rows, pnp_histories, pending = [], {}, 0
     for seed in PROFILES[profile]["seeds"]:
         for model in MODELS:
             for mode in MODES:
-                row, history = one_run(model, mode, seed, profile, out_dir)
+                run_dir = runs_dir / f"{model}_{mode}_s{seed}"
+                overrides = MODELS[model] + MODES[mode] + PROFILES[profile]["overrides"] + [
+                    f"seed={seed}", "train.device=cpu", "train.on_nonfinite=skip", f"name=equilibrium_{model}_{mode}",
+                    "evaluate=false", f"data.root={out_dir / 'data'}"]
+                done = run_dir / RESULT
+                result = json.loads(done.read_text()) if done.exists() else None
+                if result is None and not report_only:
+                    result = run_one(overrides, run_dir, {"study": "equilibrium", "model": model, "mode": mode})
+                if result is None:
+                    pending += 1
+                    continue
+                row = {"model": model, "mode": mode, "seed": seed, "test_mse": result["scores"]["mse_mean"],
+                       "test_psnr": result["scores"]["psnr_mean"], "train_seconds": result["train_seconds"],
+                       "git_commit": result["git_commit"]} | depth_scores(run_dir)
                 rows.append(row)
                 if model == "pnp":
+                    history = checkpoint.load(run_dir / "checkpoints" / "last.pt")["history"]
                     pnp_histories.setdefault(mode, []).append(history)
-                print(f"{model} {mode} seed {seed}: test MSE {row['test_mse']:.4g}, PSNR {row['test_psnr']:.2f} dB, "
+                print(f"{model} {mode} seed {seed}: test MSE {row['test_mse']:.4g} (at trained depth "
+                      f"{row['mse_trained_depth']:.4g}, at fixed point {row['mse_fixed_point']:.4g}), "
                       f"{row['train_seconds']:.1f} s", flush=True)
+    print(f"{pending} runs not finished (in other processes, or report_only)" if pending else "all runs finished")
+    if not rows:
+        return rows
     write_csv(rows, out_dir / "results" / "equilibrium.csv", COLUMNS)
     md = (f"# Restarted JFB vs DEQ on the toy problem ({profile} profile, "
-          f"{len(PROFILES[profile]['seeds'])} seeds, mean ± std)\n\n{table(rows)}\n")
+          f"{len(PROFILES[profile]['seeds'])} seeds, mean ± std)\n\n{table(rows)}\n\n{DESCRIPTION}\n")
     (out_dir / "results" / "equilibrium.md").write_text(md)
     initial = float(compose_config(MODELS["pnp"]).net.step.step_size)
     plot_step_size(pnp_histories, out_dir / "figures" / "equilibrium_step_size.png", initial)
     print(md)
     return rows
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", default="quick", choices=sorted(PROFILES))
-    parser.add_argument("--out-dir", type=Path, default=Path("."))
-    args = parser.parse_args(argv)
-    run(args.profile, args.out_dir)
-
-
-if __name__ == "__main__":
-    main()
