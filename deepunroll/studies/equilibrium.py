@@ -125,12 +125,15 @@ def depth_scores(run_dir: Path) -> dict:
 
 
 def _mean_std(values: list) -> str:
-    values = [float(v) for v in values if v != "" and math.isfinite(float(v))]
-    if not values:
+    """'mean ± std' of the finite values; '(k of n)' when only k of the n runs have one; '-' for none."""
+    given = [float(v) for v in values if v != ""]
+    finite = [v for v in given if math.isfinite(v)]
+    if not finite:
         return "-"
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
-    return f"{mean:.4g} ± {std:.2g}"
+    mean = sum(finite) / len(finite)
+    std = (sum((v - mean) ** 2 for v in finite) / max(len(finite) - 1, 1)) ** 0.5
+    text = f"{mean:.4g}" if len(finite) == 1 else f"{mean:.4g} ± {std:.2g}"
+    return text + (f" ({len(finite)} of {len(given)})" if len(finite) < len(given) else "")
 
 
 def table(rows: list[dict]) -> str:
