@@ -202,7 +202,6 @@ def run(profile: str = "quick", out_dir: str | Path = ".") -> dict:
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r}; expected one of {sorted(PROFILES)}")
     out_dir = Path(out_dir)
-    torch.set_num_threads(1)
     tv_cfg = PROFILES[profile]["tv"]
 
     tv_rows = []

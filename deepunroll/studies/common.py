@@ -77,17 +77,24 @@ def run_one(overrides: list[str], run_dir: Path, info: dict) -> dict | None:
         (run_dir / "claim.pid").unlink(missing_ok=True)
 
 
+def load_best(run_dir: Path):
+    """(config, model, test split) of a finished run: its best checkpoint and the test data it was trained for."""
+    from deepunroll.pipeline import load_checkpoint_config, load_datasets, load_model
+
+    best = run_dir / "checkpoints" / "best.pt"
+    cfg = load_checkpoint_config(best)
+    model = load_model(best)
+    return cfg, model, load_datasets(cfg, model.operator, splits=("test",))["test"]
+
+
 def run_ablation(run_dir: Path) -> dict:
     """physics_ablation of a finished run's best checkpoint on its test split, computed once (ablation.json)."""
     path = run_dir / "ablation.json"
     if path.exists():
         return json.loads(path.read_text())
     from deepunroll.ablation import physics_ablation
-    from deepunroll.pipeline import load_checkpoint_config, load_datasets, load_model
 
-    best = run_dir / "checkpoints" / "best.pt"
-    model = load_model(best)
-    test = load_datasets(load_checkpoint_config(best), model.operator, splits=("test",))["test"]
+    _, model, test = load_best(run_dir)
     out = physics_ablation(model, test)
     path.write_text(json.dumps(out, indent=1))
     return out

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from deepunroll import metrics
-from deepunroll.pipeline import compose_config, load_checkpoint_config, load_datasets, load_model
-from deepunroll.studies.common import RESULT, run_one
+from deepunroll.pipeline import compose_config
+from deepunroll.studies.common import RESULT, load_best, run_one
 from deepunroll.tables import write_csv
 from deepunroll.train import checkpoint
 from deepunroll.train.memory import count_saved_bytes
@@ -69,26 +69,20 @@ def iterate(net, y: torch.Tensor, x0: torch.Tensor, max_iter: int, tol: float = 
             ) -> tuple[torch.Tensor, int, float]:
     """x after up to ``max_iter`` applications of the weight-tied map T from z0(x0), cold, without a graph.
 
-    With ``tol`` > 0 the loop stops once ||T(z) - z|| / ||T(z)|| <= tol over the whole batch; it also
-    stops when the residual stops being finite (the iterates diverged). Returns (x (B, *in_shape),
-    iterations, last relative residual: nan when not computed (tol = 0) or diverged).
+    With ``tol`` > 0 the loop stops once ||T(z) - z|| / ||T(z)|| <= tol over the whole batch, or once that
+    residual is not finite (the iterates diverged): :func:`deepunroll.train.backprop.fixed_point_iteration`.
+    Returns (x (B, *in_shape), iterations, last relative residual; inf when tol = 0).
     """
     from deepunroll.nets.data_term import DataTerm
-    from deepunroll.train.backprop import FlatState
+    from deepunroll.train.backprop import FlatState, fixed_point_iteration
 
     net.eval()
     data = DataTerm(net.operator, y, net.grad_through_operator, net.data_fit)
-    z = net.initial_state(x0, y)
-    flat = FlatState(z)
-    u, residual = flat.flatten(z), float("nan")
-    for i in range(1, max_iter + 1):
-        fu = flat.flatten(net.iteration(0, flat.unflatten(u), data))
-        if tol > 0:
-            residual = float((fu - u).double().norm() / fu.double().norm())
-        u = fu
-        if not math.isfinite(residual) and tol > 0 or residual <= tol:
-            break
-    return net.step.output(flat.unflatten(u)[0]), i, residual
+    z0 = net.initial_state(x0, y)
+    flat = FlatState(z0)
+    u, iterations, residual = fixed_point_iteration(
+        lambda u: flat.flatten(net.iteration(0, flat.unflatten(u), data)), flat.flatten(z0), max_iter, tol)
+    return net.step.output(flat.unflatten(u)[0]), iterations, residual
 
 
 def depth_scores(run_dir: Path) -> dict:
@@ -97,10 +91,7 @@ def depth_scores(run_dir: Path) -> dict:
     path = run_dir / "equilibrium.json"
     if path.exists():
         return json.loads(path.read_text())
-    best = run_dir / "checkpoints" / "best.pt"
-    cfg = load_checkpoint_config(best)
-    net = load_model(best)
-    test = load_datasets(cfg, net.operator, splits=("test",))["test"]
+    cfg, net, test = load_best(run_dir)
     x, y, x0 = test.x, test.y.float(), test.x0.float()
     last = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     history = last["history"]

@@ -14,6 +14,11 @@ TOY_PAIRS = [("LPGD-RMA", "LPGD", "C0", "-"), ("LPGD-MA", "LPGD", "C0", ":"),
 RECONSTRUCTION_NETWORKS = ["LPGD", "LPGD-RMA", "LPD", "LPD-RMA"]
 
 
+def _linestyle(network: str) -> str:
+    """Solid for RMA, dashed for momentum (MA), dotted for the base networks."""
+    return "-" if "RMA" in network else ("--" if "MA" in network else ":")
+
+
 def _save(figure: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
@@ -68,8 +73,7 @@ def eit_error_vs_ntrain(rows: list[dict], path: Path) -> Path | None:
                 n_values = sorted(by_n)
                 stats = [mean_std(by_n[n]) for n in n_values]
                 ax.errorbar(n_values, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
-                            color=f"C{i}", linestyle="-" if "RMA" in network else ("--" if "MA" in network else ":"),
-                            label=network)
+                            color=f"C{i}", linestyle=_linestyle(network), label=network)
         for r in here:
             if r["seed"] == "":
                 ax.axhline(float(r["rel_err_mean"]), color="black", linestyle="-.", linewidth=1, label=r["network"])
@@ -102,34 +106,36 @@ def eit_reconstructions(rows: list[dict], path: Path, out_dir: Path, n_samples: 
     return plot_mesh_reconstructions(panels, operator.nodes, operator.elements, path, n_samples)
 
 
+# axis columns a table may have, in the order a validation panel's title names them
+SETTING_COLUMNS = ["a", "n_inclusions", "noise", "n_train"]
+
+
 def validation_curves(rows: list[dict], path: Path, out_dir: Path) -> Path | None:
     """Validation loss per epoch of each network's seed-0 run, one panel per setting (is training flat?)."""
     from deepunroll.studies.common import val_curve
 
     runs = [r for r in rows if r["seed"] != "" and int(r["seed"]) == 0]
-    settings = sorted({tuple(r[k] for k in SETTING_COLUMNS if k in r) for r in runs})
-    if not settings:
+    if not runs:
         return None
+    keys = [k for k in SETTING_COLUMNS if k in runs[0]]
+    settings = sorted({tuple(r[k] for k in keys) for r in runs})
+    networks = list(dict.fromkeys(r["network"] for r in runs))
     figure = Figure(figsize=(4.0 * len(settings), 3.6))
     axes = figure.subplots(1, len(settings), squeeze=False)[0]
-    networks = list(dict.fromkeys(r["network"] for r in runs))
     for ax, setting in zip(axes, settings):
         for r in runs:
-            if tuple(r[k] for k in SETTING_COLUMNS if k in r) == setting:
+            if tuple(r[k] for k in keys) == setting:
                 curve = val_curve(out_dir / r["run_dir"])
-                i = networks.index(r["network"])
-                ax.semilogy(range(1, len(curve) + 1), curve, color=f"C{i}", label=r["network"],
-                            linestyle="-" if "RMA" in r["network"] else ("--" if "MA" in r["network"] else ":"))
+                ax.semilogy(range(1, len(curve) + 1), curve, color=f"C{networks.index(r['network'])}",
+                            linestyle=_linestyle(r["network"]), label=r["network"])
         ax.set_xlabel("epoch")
-        ax.set_title(", ".join(f"{k} {v}" for k, v in zip([k for k in SETTING_COLUMNS if k in runs[0]], setting)),
-                     fontsize=9)
+        ax.set_title(", ".join(f"{k} {v}" for k, v in zip(keys, setting)), fontsize=9)
     axes[0].set_ylabel("validation MSE (seed 0)")
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _save(figure, path)
 
 
 # figure kinds a sweep may ask for in its profile (figures: {kind: file stem under figures/})
-SETTING_COLUMNS = ["a", "n_inclusions", "noise", "n_train"]
 FIGURES = {"gain_vs_a": lambda rows, path, out_dir: toy_gain_vs_a(rows, path),
            "error_vs_ntrain": lambda rows, path, out_dir: eit_error_vs_ntrain(rows, path),
            "reconstructions": eit_reconstructions,

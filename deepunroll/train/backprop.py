@@ -28,6 +28,7 @@ The parameter gradient dT/dtheta at a fixed z is the same under both (the operat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -80,17 +81,22 @@ class FlatState:
 
 
 def _relative_residual(fu: torch.Tensor, u: torch.Tensor) -> float:
-    return float((fu - u).norm() / (fu.norm() + 1e-30))
+    """||fu - u|| / ||fu||, the norms in float64 (a float32 norm overflows long before its entries do)."""
+    return float((fu - u).double().norm() / (fu.double().norm() + 1e-30))
 
 
 def fixed_point_iteration(f, u0: torch.Tensor, max_iter: int, tol: float) -> tuple[torch.Tensor, int, float]:
-    """u <- f(u) until ||f(u) - u|| <= tol ||f(u)|| or max_iter; returns (u, iterations, residual)."""
+    """u <- f(u) until ||f(u) - u|| <= tol ||f(u)|| or max_iter; returns (u, iterations, residual).
+
+    With tol > 0 it also stops when the residual is not finite (the iterates diverged); with tol = 0 no
+    residual is computed and it runs max_iter iterations (residual inf).
+    """
     u, residual = u0, float("inf")
     for i in range(max_iter):
         fu = f(u)
         residual = _relative_residual(fu, u) if tol > 0 else residual
         u = fu
-        if residual <= tol:
+        if residual <= tol or (tol > 0 and not math.isfinite(residual)):
             return u, i + 1, residual
     return u, max_iter, residual
 

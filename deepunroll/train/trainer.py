@@ -87,10 +87,10 @@ class Trainer:
             "config": self.record,
         }
 
-    def _resume_state(self) -> dict:
-        """:meth:`_state` plus what only resuming needs: restarted JFB's per-sample warm starts (``warm_starts``)."""
+    def _resume_only(self) -> dict:
+        """What only resuming needs beside :meth:`_state`: restarted JFB's per-sample warm starts (``warm_starts``)."""
         cache = warm_starts(self.model)
-        return self._state() | ({"warm_starts": cache.state_dict()} if cache is not None else {})
+        return {"warm_starts": cache.state_dict()} if cache is not None else {}
 
     def _restore(self) -> None:
         state = checkpoint.load(self.last_path, self.device)
@@ -220,9 +220,10 @@ class Trainer:
                     scalars = {"train/loss": train_loss, "val/loss": val_loss, "train/lr": lr}
                     for name, value in (scalars | {f"diag/{k}": v for k, v in diagnostics.items()}).items():
                         writer.add_scalar(name, value, self.epoch)
+                    state = self._state()
                     if improved:  # best first: a run killed between the two writes redoes this epoch
-                        checkpoint.save_atomic(self._state(), self.best_path)
-                    checkpoint.save_atomic(self._resume_state(), self.last_path)  # resume reads last.pt alone
+                        checkpoint.save_atomic(state, self.best_path)
+                    checkpoint.save_atomic(state | self._resume_only(), self.last_path)  # resume reads last.pt alone
                     tqdm.write(
                         f"epoch {self.epoch:>3}/{self.settings.epochs}  train {train_loss:.4e}  val {val_loss:.4e}"
                         + ("  *best" if improved else "")
