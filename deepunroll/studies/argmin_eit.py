@@ -2,7 +2,7 @@
 ``straight_through`` backward, against post-hoc labelling of the plain network (the argmin-layer study's
 EIT part; its Huber-TV part is deepunroll/studies/argmin.py).
 
-    python scripts/reproduce.py study=argmin_eit [profile=tiny|quick]
+    python scripts/reproduce.py study=argmin_eit [profile=tiny|quick|quick_gn]   (quick: raw input, quick_gn: GN)
 """
 
 from __future__ import annotations
@@ -23,12 +23,16 @@ from deepunroll.train.checkpoint import seed_everything
 
 EIT_METHODS = ("gauss_newton", "lpgd_rma", "post_hoc_nearest", "post_hoc_icm", "lagrangian", "straight_through")
 EIT_COLUMNS = ["method", "seed", "rel_err", "label_acc", "test_psnr", "finetune_seconds"]
+# direction: the data-fit signal of LPGD-RMA (`raw`: the published input, a post-processing network on EIT;
+# `gauss_newton`: the physics-visible default); stem: the results/ and figures/ file names
 PROFILES = {
     "tiny": {"seeds": [0], "h0": 0.3, "n_train": 16, "n_val": 4, "n_test": 8, "n_iter": 2, "pre_epochs": 1,
-             "fine_epochs": 1, "batch": 8, "noise": 0.01},
+             "fine_epochs": 1, "batch": 8, "noise": 0.01, "direction": "gauss_newton", "stem": "argmin_eit"},
     "quick": {"seeds": [0, 1, 2, 3, 4], "h0": 0.2, "n_train": 100, "n_val": 8, "n_test": 64, "n_iter": 6,
-              "pre_epochs": 15, "fine_epochs": 10, "batch": 8, "noise": 0.01},
+              "pre_epochs": 15, "fine_epochs": 10, "batch": 8, "noise": 0.01, "direction": "raw",
+              "stem": "argmin_eit"},
 }
+PROFILES["quick_gn"] = PROFILES["quick"] | {"direction": "gauss_newton", "stem": "argmin_eit_gn"}
 EIT = {"labels": [0.5, 1.0, 2.0], "mu": 0.05, "tau": 0.5, "icm_sweeps": 5, "lr": 1e-3, "grad_clip": 1.0}
 
 
@@ -95,7 +99,7 @@ def eit_seed(seed: int, cfg: dict, out_dir: Path) -> tuple[list[dict], dict, tup
     from deepunroll.pipeline import build_problem, load_datasets
     from deepunroll.pipeline import compose_config
 
-    conf = compose_config(["+experiment=eit_lpgd_rma", "net.direction=raw", f"operator.h0={cfg['h0']}",
+    conf = compose_config(["+experiment=eit_lpgd_rma", f"net.direction={cfg['direction']}", f"operator.h0={cfg['h0']}",
                            f"data.splits.train={cfg['n_train']}", f"data.splits.val={cfg['n_val']}",
                            f"data.splits.test={cfg['n_test']}", f"data.n_train={cfg['n_train']}",
                            f"data.noise={cfg['noise']}", f"net.n_iter={cfg['n_iter']}", "train.device=cpu",
@@ -158,7 +162,7 @@ def eit_table(rows: list[dict]) -> str:
 
 
 def run(profile: str = "quick", out_dir: str | Path = ".") -> dict:
-    """Run every seed; writes out_dir/results/argmin_eit.{csv,md} and out_dir/figures/argmin_eit.png."""
+    """Run every seed; writes out_dir/results/<stem>.{csv,md} and out_dir/figures/<stem>.png (stem: profile's)."""
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r}; expected one of {sorted(PROFILES)}")
     out_dir = Path(out_dir)
@@ -177,9 +181,10 @@ def run(profile: str = "quick", out_dir: str | Path = ".") -> dict:
                 f"with {cfg['n_iter']} iterations pre-trained {cfg['pre_epochs']} epochs, then "
                 f"{cfg['fine_epochs']} more epochs per branch; labels {EIT['labels']}, mu {EIT['mu']}, "
                 f"lagrangian central tau {EIT['tau']} (loss: squared error summed over the batch); "
+                f"data-fit signal net.direction={cfg['direction']}; "
                 f"{len(cfg['seeds'])} seed(s), mean ± std")
-    write_csv(eit_rows, out_dir / "results" / "argmin_eit.csv", EIT_COLUMNS)
-    (out_dir / "results" / "argmin_eit.md").write_text(
+    write_csv(eit_rows, out_dir / "results" / f"{cfg['stem']}.csv", EIT_COLUMNS)
+    (out_dir / "results" / f"{cfg['stem']}.md").write_text(
         f"# LPGD-RMA + labelling layer on EIT ({profile} profile)\n\n{settings}\n\n{eit_table(eit_rows)}\n")
 
     from deepunroll.viz import plot_mesh_reconstructions
@@ -187,5 +192,6 @@ def run(profile: str = "quick", out_dir: str | Path = ".") -> dict:
     outputs, (x_test, nodes, elements) = figure_data
     columns = {"ground truth": x_test, "LPGD-RMA": outputs["lpgd_rma"], "post-hoc label (ICM)": outputs["post_hoc_icm"],
                "lagrangian e2e": outputs["lagrangian"], "straight-through e2e": outputs["straight_through"]}
-    figure = plot_mesh_reconstructions(columns, nodes, elements, out_dir / "figures" / "argmin_eit.png", n_samples=4)
+    figure = plot_mesh_reconstructions(columns, nodes, elements, out_dir / "figures" / f"{cfg['stem']}.png",
+                                        n_samples=4)
     return {"eit": eit_rows, "figure": figure}
