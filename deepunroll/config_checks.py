@@ -9,32 +9,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from deepunroll.train.backprop import WARM_START_REFUSED
-
-
-class ConfigError(ValueError):
-    """A config value has the wrong type or is out of range."""
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-POSITIVE_INT = (lambda v: _is_int(v) and v > 0, "a positive integer")
-NON_NEGATIVE_INT = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
-POSITIVE = (lambda v: _is_number(v) and v > 0, "a number > 0")
-NON_NEGATIVE = (lambda v: _is_number(v) and v >= 0, "a number >= 0")
-FRACTION = (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
-BOOL = (lambda v: isinstance(v, bool), "true or false")
-
-
-def one_of(*choices):
-    return (lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
-
+from deepunroll.nets.backprop import make_backprop
+from deepunroll.validation import (BOOL, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
+                                   ConfigError, is_int, is_number, one_of)
 
 # key -> (predicate, what is allowed); keys absent from a problem's config are skipped
 RULES = {
@@ -51,17 +28,7 @@ RULES = {
     "train.amp": BOOL,
     "net.n_iter": POSITIVE_INT,
     "net.grad_through_operator": BOOL,
-    "net.backprop": one_of("full", "checkpoint", "jfb", "restarted_jfb", "deq"),
-    "net.fixed_point.tol": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "net.fixed_point.m": POSITIVE_INT,
-    "net.fixed_point.restarts": POSITIVE_INT,
-    "net.fixed_point.warm_start": BOOL,
-    "net.fixed_point.solver": one_of("fixed_point", "anderson"),
-    "net.fixed_point.jacobian": one_of("full", "detached"),
-    "net.fixed_point.anderson_memory": POSITIVE_INT,
-    "net.fixed_point.backward_tol": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
-    "net.fixed_point.backward_max_iter": POSITIVE_INT,
-    "net.spectral_norm": (lambda v: v is None or (_is_number(v) and v > 0), "null (off) or a number > 0"),
+    "net.spectral_norm": (lambda v: v is None or (is_number(v) and v > 0), "null (off) or a number > 0"),
     "net.step.step_size": POSITIVE,
     "net.step.max_step": POSITIVE,
     "net.step.reg_level": POSITIVE,
@@ -70,10 +37,10 @@ RULES = {
     "data.splits.test": POSITIVE_INT,
     "data.noise": NON_NEGATIVE,
     "data.seed": NON_NEGATIVE_INT,
-    "operator.a": (lambda v: _is_number(v), "a number"),
+    "operator.a": (lambda v: is_number(v), "a number"),
     "operator.h0": POSITIVE,
     "operator.meas_fraction": FRACTION,
-    "accel.beta": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "accel.beta": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "accel.eta": POSITIVE,
     "accel.hidden": POSITIVE_INT,
     "accel.layers": POSITIVE_INT,
@@ -95,15 +62,16 @@ def validate(cfg: DictConfig) -> None:
         if unknown:
             raise ConfigError(f"train.{unknown[0]}: unknown key; known keys are {sorted(KNOWN_TRAIN_KEYS)}")
         betas = cfg.train.get("betas")
-        if betas is not None and not (len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+        if betas is not None and not (len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)):
             raise ConfigError(f"train.betas={list(betas)!r}: expected two numbers in [0, 1)")
-    if OmegaConf.select(cfg, "net.backprop") == "restarted_jfb" and \
-            OmegaConf.select(cfg, "net.fixed_point.warm_start") is False:
-        raise ConfigError(WARM_START_REFUSED)
+    mode = OmegaConf.select(cfg, "net.backprop")
+    if mode is not None:  # the backprop strategy checks its mode and net.fixed_point.* itself
+        fixed_point = OmegaConf.select(cfg, "net.fixed_point")
+        make_backprop(mode, OmegaConf.to_container(fixed_point) if fixed_point is not None else None)
     n_train = OmegaConf.select(cfg, "data.n_train")
     if n_train is not None:
         pool = OmegaConf.select(cfg, "data.splits.train")
-        if not (_is_int(n_train) and n_train > 0):
+        if not (is_int(n_train) and n_train > 0):
             raise ConfigError(f"data.n_train={n_train!r}: expected a positive integer or null (all)")
-        if _is_int(pool) and n_train > pool:
+        if is_int(pool) and n_train > pool:
             raise ConfigError(f"data.n_train={n_train}: exceeds the training pool data.splits.train={pool}")

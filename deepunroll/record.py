@@ -60,7 +60,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "fix your command or your files", not "bug": each names the key or file in one line."""
     from omegaconf.errors import MissingMandatoryValue
 
-    from deepunroll.config_checks import ConfigError
+    from deepunroll.validation import ConfigError
     from deepunroll.data.h5 import DatasetError
     from deepunroll.train.checkpoint import CheckpointError
     from deepunroll.train.trainer import ExistingRunError, NonFiniteLossError

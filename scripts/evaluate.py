@@ -11,7 +11,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from deepunroll.config_checks import POSITIVE_INT, ConfigError, one_of
+from deepunroll.validation import POSITIVE_INT, ConfigError, one_of
 from deepunroll.evaluation import evaluate_to_files, format_table
 from deepunroll.record import report_errors
 from deepunroll.train.trainer import resolve_device

@@ -22,7 +22,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 import deepunroll.studies
-from deepunroll.config_checks import ConfigError
+from deepunroll.validation import ConfigError
 from deepunroll.record import report_errors
 
 REPO = Path(__file__).resolve().parents[1]

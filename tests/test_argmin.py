@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from deepunroll.nets.argmin import BACKWARDS, ArgminLayer, GradientDescent, ICM, batched_cg
+from deepunroll.nets.argmin import BACKWARDS, ArgminLayer
+from deepunroll.optim.descent import ICM, GradientDescent
+from deepunroll.optim.linear import batched_cg
 from deepunroll.nets.energies import HuberTVEnergy, LabelEnergy, greedy_colouring
 from deepunroll.operators.base import ForwardOperator
 from deepunroll.train.memory import count_saved_bytes

@@ -12,7 +12,10 @@ from deepunroll.nets.build import build_model
 from deepunroll.nets.unrolled import UnrolledNet
 from deepunroll.operators.toy import NonlinearConv1d
 from deepunroll.pipeline import build_problem, load_datasets, load_model, train
-from deepunroll.train.backprop import FixedPointSettings, anderson, fixed_point_iteration, make_backprop, warm_starts
+from deepunroll.config_checks import validate
+from deepunroll.nets.backprop import BACKPROP, Backprop, FixedPointSettings, make_backprop, warm_starts
+from deepunroll.validation import ConfigError
+from deepunroll.optim.fixed_point import anderson, fixed_point_iteration
 from deepunroll.train.trainer import Trainer, TrainSettings
 
 N = P = 53  # b(theta) = B theta with B = I: gradient errors are then exactly q^m * const
@@ -329,9 +332,58 @@ def test_trainer_passes_index_and_logs_lipschitz(tiny_toy, tmp_path):
 
 def test_anderson_survives_a_degenerate_history():
     """Exactly converged residuals (all zero) made the mixing system singular; float32 as in training."""
-    from deepunroll.train.backprop import anderson
 
     u, _, residual = anderson(lambda u: torch.ones(3), torch.zeros(3), max_iter=10, tol=0.0, memory=2)
     assert torch.equal(u, torch.ones(3)) and residual == 0.0
     u, _, _ = anderson(lambda u: 0.5 * u + 1, torch.zeros(4), max_iter=30, tol=0.0)
     torch.testing.assert_close(u, torch.full((4,), 2.0))
+
+
+def test_a_mode_added_to_the_registry_is_known_everywhere(monkeypatch):
+    """Adding a backprop mode is one class and one registry entry: make_backprop, the config checks and
+    UnrolledNet accept it (here: the full loop run twice, i.e. 2K iterations of the weight-tied map)."""
+
+    class Doubled(Backprop):
+        mode = "doubled"
+
+        def __call__(self, net, z, data, index=None):
+            for _ in range(2 * net.n_iter):
+                z = net.iteration(0, z, data)
+            return z
+
+    with pytest.raises(ConfigError, match=r"^net.backprop='doubled': expected one of full, checkpoint, jfb, "
+                                          r"restarted_jfb, deq$"):
+        make_backprop("doubled")
+    monkeypatch.setitem(BACKPROP, "doubled", Doubled)
+    validate(compose_config(["+experiment=toy_lpgd", "net.backprop=doubled"]))
+    with pytest.raises(ConfigError, match=r"expected one of full, checkpoint, jfb, restarted_jfb, deq, doubled$"):
+        validate(compose_config(["+experiment=toy_lpgd", "net.backprop=tripled"]))
+    M, B, _ = affine_problem(0.5)
+    x0 = torch.randn(2, N, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.zeros(2, *NonlinearConv1d().out_shape, dtype=torch.float64)
+    doubled = UnrolledNet(NonlinearConv1d(), AffineStep(M, B), _no_accel(), 3, backprop="doubled")
+    full = UnrolledNet(NonlinearConv1d(), AffineStep(M, B), _no_accel(), 6, backprop="full")
+    assert isinstance(doubled.backprop, Doubled)
+    assert torch.equal(doubled(y, x0), full(y, x0))
+
+
+def test_fixed_point_settings_check_themselves():
+    with pytest.raises(ConfigError, match=r"^net.fixed_point.anderson_memory=0: expected a positive integer$"):
+        FixedPointSettings(anderson_memory=0)
+    with pytest.raises(ConfigError, match=r"^net.fixed_point.restart: unknown key; known keys are \['anderson_memory'"):
+        make_backprop("jfb", {"restart": 2})
+
+
+def test_trainer_logs_the_fixed_point_solves(tiny_toy, tmp_path):
+    """deq's forward and adjoint solver statistics reach TensorBoard (solver/*) once per epoch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = compose_config(["+experiment=toy_lpgd_tied"] + tiny_toy + ["net.backprop=deq", "net.step.hidden=8"])
+    train(cfg, tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"solver/forward_iterations", "solver/forward_residual", "solver/backward_iterations",
+            "solver/backward_residual"} <= tags
+    iterations = [e.value for e in events.Scalars("solver/forward_iterations")]
+    assert len(iterations) == 2 and all(1 <= i <= 3 for i in iterations)  # net.n_iter=3 caps the forward solve

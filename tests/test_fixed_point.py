@@ -8,7 +8,7 @@ from deepunroll.config_checks import ConfigError, validate
 from deepunroll.nets.data_term import DataTerm
 from deepunroll.nets.lipschitz import jacobian_norm, spectral_normalise
 from deepunroll.pipeline import build_problem
-from deepunroll.train.backprop import FlatState
+from deepunroll.optim.fixed_point import FlatState
 
 MODELS = ["toy_pnp", "toy_weighted_norm", "toy_lpgd_tied", "toy_lpd_tied", "toy_lpgd_tied_rma", "toy_lpd_tied_rma"]
 
@@ -100,7 +100,7 @@ def test_deq_gradient_of_the_full_map_matches_finite_differences():
         direction = [torch.randn(p.shape, generator=gen.manual_seed(1), dtype=torch.float64) for p in params]
         loss = lambda: 0.5 * (model(y, x0) - x).square().sum()  # noqa: E731
         grads = torch.autograd.grad(loss(), params)
-        assert model.backprop.last_residual < 1e-13 and model.backprop.last_backward_residual < 1e-13
+        assert model.backprop.stats["forward_residual"] < 1e-13 and model.backprop.stats["backward_residual"] < 1e-13
         derivative = sum(float((g * d).sum()) for g, d in zip(grads, direction))
         values = []
         with torch.no_grad():

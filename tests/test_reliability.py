@@ -75,7 +75,7 @@ def test_full_traceback_with_hydra_full_error(tmp_path):
     done = subprocess.run([sys.executable, "scripts/train.py", "net.n_iter=-2", f"data.root={tmp_path}"], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 1 and "Traceback (most recent call last)" in done.stderr
-    assert "deepunroll.config_checks.ConfigError: net.n_iter=-2: expected a positive integer" in done.stderr
+    assert "deepunroll.validation.ConfigError: net.n_iter=-2: expected a positive integer" in done.stderr
 
 
 RESUME = ["+experiment=toy_lpgd_ma", "net.n_iter=4", "train.epochs=5", "train.batch_size=16", "train.device=cpu",

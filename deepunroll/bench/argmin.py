@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from deepunroll.nets.argmin import ArgminLayer, GradientDescent
+from deepunroll.nets.argmin import ArgminLayer
+from deepunroll.optim.descent import GradientDescent
 from deepunroll.nets.energies import HuberTVEnergy
 from deepunroll.tables import write_csv
 from deepunroll.train.memory import count_saved_bytes

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+from deepunroll.nets.backprop import BACKPROP
 from deepunroll.pipeline import build_problem, compose_config
 from deepunroll.tables import write_csv
 from deepunroll.train.memory import count_saved_bytes
 
-MODES = ("full", "checkpoint", "jfb", "restarted_jfb", "deq")
 EXPERIMENTS = {"toy": "toy_lpgd_tied", "eit": "eit_lpgd"}
 COLUMNS = ["problem", "mode", "K", "saved_bytes", "step_seconds", "cuda_max_bytes"]
 
@@ -70,7 +70,7 @@ def plot(rows: list[dict], path: Path) -> None:
     problems = sorted({r["problem"] for r in rows})
     fig, axes = plt.subplots(len(problems), 2, figsize=(9, 3.4 * len(problems)), squeeze=False)
     for row_axes, problem in zip(axes, problems):
-        for mode in MODES:
+        for mode in BACKPROP:
             pts = [r for r in rows if r["problem"] == problem and r["mode"] == mode]
             if not pts:
                 continue
@@ -89,7 +89,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench.py backprop", description=__doc__.split("\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[10, 20, 50, 100])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(BACKPROP), choices=list(BACKPROP))
     parser.add_argument("--problems", nargs="+", default=["toy"], choices=sorted(EXPERIMENTS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up step (median reported)")

@@ -49,8 +49,9 @@ def deq_gradients(model, y, x0, x) -> dict:
         grads[jacobian] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, allow_unused=True)
                                      if g is not None])
         out[f"{jacobian}_seconds"] = time.perf_counter() - start
-        out[f"{jacobian}_adjoint"] = (net.backprop.last_backward_iterations, net.backprop.last_backward_residual)
-    out["forward"] = (net.backprop.last_iterations, net.backprop.last_residual)
+        stats = net.backprop.stats
+        out[f"{jacobian}_adjoint"] = (stats["backward_iterations"], stats["backward_residual"])
+    out["forward"] = (stats["forward_iterations"], stats["forward_residual"])
     full, detached = grads["full"], grads["detached"]
     out["grad_rel_diff"] = float((full - detached).norm() / full.norm())
     out["grad_cosine"] = float(full @ detached / (full.norm() * detached.norm()))

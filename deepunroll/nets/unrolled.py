@@ -10,7 +10,8 @@ from torch import nn
 from deepunroll.nets.data_term import DataTerm
 from deepunroll.nets.direction import DataFit
 from deepunroll.operators.base import ForwardOperator
-from deepunroll.train.backprop import FIXED_POINT_MODES, FlatState, make_backprop
+from deepunroll.nets.backprop import make_backprop
+from deepunroll.optim.fixed_point import FlatState
 
 
 class UnrolledNet(nn.Module):
@@ -20,7 +21,7 @@ class UnrolledNet(nn.Module):
     ``grad_through_operator=False`` treats operator outputs as data (no graph through the physics).
     ``initial_guess(operator, y) -> x0`` is used by :meth:`reconstruct` when no x0 is given.
     ``backprop``: a mode name (full, checkpoint, jfb, restarted_jfb, deq; settings ``fixed_point``)
-    or a strategy from :func:`deepunroll.train.backprop.make_backprop`. The fixed-point modes iterate
+    or a strategy from :func:`deepunroll.nets.backprop.make_backprop`. The fixed-point modes iterate
     the weight-tied map T(z) = :meth:`iteration` on z = (step state, accelerator state).
     ``data_fit``: how F, J and y are presented to the blocks (``net.direction``,
     :mod:`deepunroll.nets.direction`); default ``raw``, the published input.
@@ -46,7 +47,7 @@ class UnrolledNet(nn.Module):
         self.initial_guess = initial_guess
         self.data_fit = data_fit if data_fit is not None else DataFit(operator, "raw")
         self.backprop = make_backprop(backprop, fixed_point) if isinstance(backprop, str) else backprop
-        if self.backprop.mode in FIXED_POINT_MODES and not self.weight_tied:
+        if self.backprop.fixed_point and not self.weight_tied:
             raise ValueError(
                 f"net.backprop={self.backprop.mode} needs a weight-tied map (one block at every iteration): set "
                 "net.step.share_weights=true, or choose a fixed-point model (net=lpgd_tied, lpd_tied, pnp, weighted_norm)"

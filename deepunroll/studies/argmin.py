@@ -30,7 +30,8 @@ from torch import nn
 from deepunroll import metrics
 from deepunroll.data.generators import RandomWalkSignals, add_relative_noise
 from deepunroll.data.patches import ImagePatches
-from deepunroll.nets.argmin import ArgminLayer, GradientDescent
+from deepunroll.nets.argmin import ArgminLayer
+from deepunroll.optim.descent import GradientDescent
 from deepunroll.nets.energies import HuberTVEnergy
 from deepunroll.operators.blur import VolterraBlur2d
 from deepunroll.operators.toy import NonlinearConv1d

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from deepunroll import metrics
-from deepunroll.nets.argmin import ICM, ArgminLayer
+from deepunroll.nets.argmin import ArgminLayer
+from deepunroll.optim.descent import ICM
 from deepunroll.nets.energies import LabelEnergy
 from deepunroll.studies.common import format_mean_std
 from deepunroll.tables import write_csv

@@ -70,11 +70,11 @@ def iterate(net, y: torch.Tensor, x0: torch.Tensor, max_iter: int, tol: float = 
     """x after up to ``max_iter`` applications of the weight-tied map T from z0(x0), cold, without a graph.
 
     With ``tol`` > 0 the loop stops once ||T(z) - z|| / ||T(z)|| <= tol over the whole batch, or once that
-    residual is not finite (the iterates diverged): :func:`deepunroll.train.backprop.fixed_point_iteration`.
+    residual is not finite (the iterates diverged): :func:`deepunroll.optim.fixed_point.fixed_point_iteration`.
     Returns (x (B, *in_shape), iterations, last relative residual; inf when tol = 0).
     """
     from deepunroll.nets.data_term import DataTerm
-    from deepunroll.train.backprop import FlatState, fixed_point_iteration
+    from deepunroll.optim.fixed_point import FlatState, fixed_point_iteration
 
     net.eval()
     data = DataTerm(net.operator, y, net.grad_through_operator, net.data_fit)

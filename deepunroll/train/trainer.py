@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from deepunroll.train import checkpoint, distributed
-from deepunroll.train.backprop import warm_starts
+from deepunroll.nets.backprop import solver_stats, warm_starts
 
 
 class NonFiniteLossError(RuntimeError):
@@ -208,6 +208,7 @@ class Trainer:
             while self.epoch < self.settings.epochs:
                 lr = self.optimizer.param_groups[0]["lr"]
                 train_loss = self._train_epoch(train_set, writer)
+                solver = solver_stats(self.model)  # fixed-point modes: the last training step's solves
                 val_loss = self.evaluate_loss(val_set)
                 self.epoch += 1
                 diagnostics = self._diagnostics(val_set)
@@ -218,6 +219,7 @@ class Trainer:
                     self.best_val = val_loss
                 if self.is_main:  # one process logs and writes checkpoints
                     scalars = {"train/loss": train_loss, "val/loss": val_loss, "train/lr": lr}
+                    scalars |= {f"solver/{k}": v for k, v in solver.items()}
                     for name, value in (scalars | {f"diag/{k}": v for k, v in diagnostics.items()}).items():
                         writer.add_scalar(name, value, self.epoch)
                     state = self._state()

@@ -28,16 +28,16 @@ The parameter gradient dT/dtheta at a fixed z is the same under both (the operat
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
 from torch.utils import checkpoint as torch_checkpoint
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-MODES = ("full", "checkpoint", "jfb", "restarted_jfb", "deq")
-FIXED_POINT_MODES = ("jfb", "restarted_jfb", "deq")
-SOLVERS = ("fixed_point", "anderson")
+from deepunroll.optim.fixed_point import SOLVERS, FlatState, fixed_point_iteration, solve_fixed_point
+from deepunroll.validation import (BOOL, OPEN_UNIT_INTERVAL, POSITIVE_INT, UNIT_INTERVAL, ConfigError, check,
+                                   one_of)
+
 JACOBIANS = ("full", "detached")
 WARM_START_REFUSED = ("net.fixed_point.warm_start=false: restarted_jfb always restarts each training sample from its "
                       "previous output (Davy et al. 2025); use net.backprop=jfb for passes that start from x0")
@@ -45,7 +45,7 @@ WARM_START_REFUSED = ("net.fixed_point.warm_start=false: restarted_jfb always re
 
 @dataclass
 class FixedPointSettings:
-    """The ``net.fixed_point.*`` keys (used by jfb, restarted_jfb and deq)."""
+    """The ``net.fixed_point.*`` keys (used by jfb, restarted_jfb and deq); checked on construction."""
 
     tol: float = 1e-4               # forward relative residual (jfb, deq); 0: always run n_iter iterations
     m: int = 1                      # differentiated applications of T (jfb, restarted_jfb)
@@ -57,88 +57,51 @@ class FixedPointSettings:
     backward_tol: float = 1e-8      # deq: relative residual of the adjoint solve
     backward_max_iter: int = 100    # deq: adjoint solver iterations at most
 
+    RULES = {"tol": UNIT_INTERVAL, "m": POSITIVE_INT, "restarts": POSITIVE_INT, "warm_start": BOOL,
+             "jacobian": one_of(*JACOBIANS), "solver": one_of(*SOLVERS), "anderson_memory": POSITIVE_INT,
+             "backward_tol": OPEN_UNIT_INTERVAL, "backward_max_iter": POSITIVE_INT}
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check(f"net.fixed_point.{f.name}", getattr(self, f.name), self.RULES[f.name])
+
+    @classmethod
+    def from_config(cls, given: dict | None) -> "FixedPointSettings":
+        """From the ``net.fixed_point`` mapping; an unknown key is a ConfigError naming it."""
+        known = {f.name for f in fields(cls)}
+        given = dict(given or {})
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ConfigError(f"net.fixed_point.{unknown[0]}: unknown key; known keys are {sorted(known)}")
+        return cls(**given)
+
 
 def _detach(z):
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, z)
 
 
-class FlatState:
-    """Flattens a fixed-point state (tensors in nested tuples, None allowed) to one vector and back."""
+class Backprop:
+    """A way of differentiating the unrolled loop: ``strategy(net, z0, data, index) -> z`` (module doc).
 
-    def __init__(self, z) -> None:
-        leaves, self.spec = tree_flatten(z)
-        self.is_tensor = [isinstance(leaf, torch.Tensor) for leaf in leaves]
-        self.shapes = [leaf.shape for leaf in leaves if isinstance(leaf, torch.Tensor)]
-        self.sizes = [leaf.numel() for leaf in leaves if isinstance(leaf, torch.Tensor)]
-
-    def flatten(self, z) -> torch.Tensor:
-        leaves, _ = tree_flatten(z)
-        return torch.cat([leaf.reshape(-1) for leaf in leaves if isinstance(leaf, torch.Tensor)])
-
-    def unflatten(self, u: torch.Tensor):
-        parts = iter(p.view(s) for p, s in zip(torch.split(u, self.sizes), self.shapes))
-        return tree_unflatten([next(parts) if t else None for t in self.is_tensor], self.spec)
-
-
-def _relative_residual(fu: torch.Tensor, u: torch.Tensor) -> float:
-    """||fu - u|| / ||fu||, the norms in float64 (a float32 norm overflows long before its entries do)."""
-    return float((fu - u).double().norm() / (fu.double().norm() + 1e-30))
-
-
-def fixed_point_iteration(f, u0: torch.Tensor, max_iter: int, tol: float) -> tuple[torch.Tensor, int, float]:
-    """u <- f(u) until ||f(u) - u|| <= tol ||f(u)|| or max_iter; returns (u, iterations, residual).
-
-    With tol > 0 it also stops when the residual is not finite (the iterates diverged); with tol = 0 no
-    residual is computed and it runs max_iter iterations (residual inf).
+    ``fixed_point``: True when the mode iterates one weight-tied map (the net must be weight-tied).
+    ``stats``: the solver's iterations and relative residual of the last call, logged by the trainer.
+    :meth:`check` refuses settings the mode cannot honour (ConfigError naming the key).
     """
-    u, residual = u0, float("inf")
-    for i in range(max_iter):
-        fu = f(u)
-        residual = _relative_residual(fu, u) if tol > 0 else residual
-        u = fu
-        if residual <= tol or (tol > 0 and not math.isfinite(residual)):
-            return u, i + 1, residual
-    return u, max_iter, residual
+
+    mode = ""
+    fixed_point = False
+
+    def __init__(self, settings: FixedPointSettings | None = None) -> None:
+        self.settings = settings or FixedPointSettings()
+        self.check(self.settings)
+        self.stats: dict[str, float] = {}
+
+    @classmethod
+    def check(cls, settings: FixedPointSettings) -> None:
+        """Raise ConfigError for settings this mode refuses (none by default)."""
 
 
-def anderson(f, u0: torch.Tensor, max_iter: int, tol: float, memory: int = 5, lam: float = 1e-10
-             ) -> tuple[torch.Tensor, int, float]:
-    """Anderson acceleration of u = f(u) (type II, mixing the last ``memory`` iterates); returns (u, iterations, residual).
-
-    Each step solves min_alpha ||sum_i alpha_i (f(u_i) - u_i)||, sum alpha = 1, and sets u = sum_i alpha_i f(u_i).
-    """
-    xs, fs = [u0], [f(u0)]
-    residual = _relative_residual(fs[0], u0)
-    if residual <= tol or max_iter <= 1:
-        return fs[0], 1, residual
-    for i in range(1, max_iter):
-        n = min(len(xs), memory)
-        G = torch.stack([fs[j] - xs[j] for j in range(-n, 0)]).double()  # (n, N) residuals
-        H = G @ G.T
-        scale = H.diagonal().max()
-        if not scale > 0:  # every stored residual is exactly zero: converged
-            return fs[-1], i, 0.0
-        eye = torch.eye(n, dtype=H.dtype, device=H.device)
-        alpha, info = torch.linalg.solve_ex(H + lam * scale * eye, torch.ones(n, dtype=H.dtype, device=H.device))
-        alpha = alpha / alpha.sum()
-        if int(info) != 0 or not bool(torch.isfinite(alpha).all()):  # degenerate history: plain step
-            alpha = eye[-1]
-        u = alpha.to(fs[-1].dtype) @ torch.stack(fs[-n:])
-        fu = f(u)
-        residual = _relative_residual(fu, u)
-        xs, fs = (xs + [u])[-memory:], (fs + [fu])[-memory:]
-        if residual <= tol:
-            return fu, i + 1, residual
-    return fs[-1], max_iter, residual
-
-
-def solve(f, u0, max_iter: int, tol: float, solver: str, memory: int = 5):
-    if solver == "anderson":
-        return anderson(f, u0, max_iter, tol, memory)
-    return fixed_point_iteration(f, u0, max_iter, tol)
-
-
-class Full:
+class Full(Backprop):
     """Backpropagate through every iteration (the default)."""
 
     mode = "full"
@@ -149,7 +112,7 @@ class Full:
         return z
 
 
-class Checkpointed:
+class Checkpointed(Backprop):
     """``torch.utils.checkpoint`` around every iteration: gradients of ``full``, iterates recomputed in backward."""
 
     mode = "checkpoint"
@@ -157,7 +120,7 @@ class Checkpointed:
 
     def __call__(self, net, z, data, index=None):
         if not torch.is_grad_enabled():
-            return Full()(net, z, data)
+            return Full.__call__(self, net, z, data)
         leaves = [t for t in tree_flatten(z)[0] if isinstance(t, torch.Tensor)]
         self.kept_bytes = net.n_iter * sum(t.numel() * t.element_size() for t in leaves)
         for k in range(net.n_iter):
@@ -170,20 +133,18 @@ def _map_data(data, settings: FixedPointSettings):
     return data.with_operator_graph(settings.jacobian == "full")
 
 
-class JFB:
+class JFB(Backprop):
     """Jacobian-free backpropagation: iterate to ``tol`` (at most n_iter) without a graph, differentiate m steps."""
 
     mode = "jfb"
-
-    def __init__(self, settings: FixedPointSettings) -> None:
-        self.settings = settings
-        self.last_iterations, self.last_residual = 0, float("nan")
+    fixed_point = True
 
     def _no_graph(self, net, z, data, n_iter: int, tol: float):
         flat = FlatState(z)
         with torch.no_grad():
-            u, self.last_iterations, self.last_residual = fixed_point_iteration(
+            u, iterations, residual = fixed_point_iteration(
                 lambda u: flat.flatten(net.iteration(0, flat.unflatten(u), data)), flat.flatten(z), n_iter, tol)
+        self.stats = {"forward_iterations": iterations, "forward_residual": residual}
         return flat.unflatten(u)
 
     def _differentiated(self, net, z, data):
@@ -272,10 +233,15 @@ class RestartedJFB(JFB):
 
     mode = "restarted_jfb"
 
-    def __init__(self, settings: FixedPointSettings) -> None:
+    def __init__(self, settings: FixedPointSettings | None = None) -> None:
         super().__init__(settings)
         self.cache = WarmStarts()
         self._batch_dims: list[int | None] | None = None
+
+    @classmethod
+    def check(cls, settings: FixedPointSettings) -> None:
+        if not settings.warm_start:
+            raise ConfigError(WARM_START_REFUSED)
 
     def batch_dims(self, net, z, data) -> list[int | None]:
         """The batch dimension of every state leaf (RMA's recurrent state is (layers, B, hidden))."""
@@ -314,23 +280,20 @@ class RestartedJFB(JFB):
         return z
 
 
-class DEQ:
+class DEQ(Backprop):
     """Implicit differentiation at the fixed point: adjoint equation u = J^T u + g solved by fixed point or Anderson."""
 
     mode = "deq"
-
-    def __init__(self, settings: FixedPointSettings) -> None:
-        self.settings = settings
-        self.last_iterations, self.last_residual = 0, float("nan")
-        self.last_backward_iterations, self.last_backward_residual = 0, float("nan")
+    fixed_point = True
 
     def __call__(self, net, z, data, index=None):
         s = self.settings
         flat = FlatState(z)
         with torch.no_grad():
-            u_star, self.last_iterations, self.last_residual = solve(
+            u_star, iterations, residual = solve_fixed_point(
                 lambda u: flat.flatten(net.iteration(0, flat.unflatten(u), data)), flat.flatten(z), net.n_iter,
                 s.tol, s.solver, s.anderson_memory)
+        self.stats = {"forward_iterations": iterations, "forward_residual": residual}
         u = u_star.detach().requires_grad_(torch.is_grad_enabled())
         Tu = flat.flatten(net.iteration(0, flat.unflatten(u), _map_data(data, s)))  # J_T of settings.jacobian
         if Tu.requires_grad:
@@ -342,14 +305,26 @@ class DEQ:
                 busy[0] = True
                 try:
                     adjoint = lambda g: torch.autograd.grad(Tu, u, g, retain_graph=True)[0] + grad  # noqa: E731
-                    g, self.last_backward_iterations, self.last_backward_residual = solve(
+                    g, iterations, residual = solve_fixed_point(
                         adjoint, grad, s.backward_max_iter, s.backward_tol, s.solver, s.anderson_memory)
+                    self.stats |= {"backward_iterations": iterations, "backward_residual": residual}
                 finally:
                     busy[0] = False
                 return g
 
             Tu.register_hook(implicit)
         return flat.unflatten(Tu)
+
+
+# net.backprop=<mode> -> strategy class; adding a mode is one class above and one entry here
+BACKPROP: dict[str, type[Backprop]] = {cls.mode: cls for cls in (Full, Checkpointed, JFB, RestartedJFB, DEQ)}
+
+
+def make_backprop(mode: str = "full", fixed_point: dict | FixedPointSettings | None = None) -> Backprop:
+    """The strategy for ``net.backprop=mode`` with ``net.fixed_point.*`` settings (ConfigError naming a bad key)."""
+    check("net.backprop", mode, one_of(*BACKPROP))
+    settings = fixed_point if isinstance(fixed_point, FixedPointSettings) else FixedPointSettings.from_config(fixed_point)
+    return BACKPROP[mode](settings)
 
 
 def warm_starts(model: torch.nn.Module) -> WarmStarts | None:
@@ -361,27 +336,10 @@ def warm_starts(model: torch.nn.Module) -> WarmStarts | None:
     return None
 
 
-def make_backprop(mode: str = "full", fixed_point: dict | FixedPointSettings | None = None):
-    """The strategy for ``net.backprop=mode`` with ``net.fixed_point.*`` settings."""
-    if mode not in MODES:
-        raise ValueError(f"net.backprop={mode!r}; expected one of {', '.join(MODES)}")
-    if isinstance(fixed_point, FixedPointSettings):
-        settings = fixed_point
-    else:
-        known = {f.name for f in fields(FixedPointSettings)}
-        given = dict(fixed_point or {})
-        unknown = sorted(set(given) - known)
-        if unknown:
-            raise ValueError(f"net.fixed_point.{unknown[0]}: unknown key; known keys are {sorted(known)}")
-        settings = FixedPointSettings(**given)
-    if settings.solver not in SOLVERS:
-        raise ValueError(f"net.fixed_point.solver={settings.solver!r}; expected one of {', '.join(SOLVERS)}")
-    if settings.jacobian not in JACOBIANS:
-        raise ValueError(f"net.fixed_point.jacobian={settings.jacobian!r}; expected one of {', '.join(JACOBIANS)}")
-    if mode == "restarted_jfb" and not settings.warm_start:
-        raise ValueError(WARM_START_REFUSED)
-    if mode == "full":
-        return Full()
-    if mode == "checkpoint":
-        return Checkpointed()
-    return {"jfb": JFB, "restarted_jfb": RestartedJFB, "deq": DEQ}[mode](settings)
+def solver_stats(model: torch.nn.Module) -> dict[str, float]:
+    """The fixed-point solver statistics of ``model``'s last forward / backward pass ({} for full, checkpoint)."""
+    for module in model.modules():
+        strategy = getattr(module, "backprop", None)
+        if isinstance(strategy, Backprop):
+            return dict(strategy.stats)
+    return {}

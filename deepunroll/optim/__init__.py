@@ -1,0 +1,7 @@
+"""Solvers, one layer under the networks: fixed points (plain iteration, Anderson), batched conjugate
+gradients, and the minimisers of the argmin layers.
+
+- :mod:`deepunroll.optim.fixed_point`: ``fixed_point_iteration``, ``anderson``, ``solve_fixed_point``, ``FlatState``
+- :mod:`deepunroll.optim.linear`: ``batched_cg`` and per-sample inner products
+- :mod:`deepunroll.optim.descent`: ``GradientDescent`` (FISTA with restart), ``ICM`` (labelling)
+"""
