@@ -15,6 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import deepunroll.configs
+
 from deepunroll.data.datasets import InverseProblemDataset
 from deepunroll.data.make import ensure_dataset, load_split
 from deepunroll.nets.build import build_model
@@ -29,7 +31,7 @@ from deepunroll.train.checkpoint import seed_everything
 from deepunroll.train.trainer import Trainer, TrainSettings, resolve_device
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(deepunroll.configs.__file__).parent  # configs/, installed as deepunroll.configs
 
 
 def compose_config(overrides=(), config_name: str = "config") -> DictConfig:

@@ -34,7 +34,7 @@ def checked(cfg: DictConfig) -> tuple[list[str], str]:
     return checkpoints, str(resolve_device(cfg.device))
 
 
-@hydra.main(config_path="../configs", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path="pkg://deepunroll.configs", config_name="evaluate", version_base="1.3")
 @report_errors
 def main(cfg: DictConfig) -> None:
     checkpoints, device = checked(cfg)

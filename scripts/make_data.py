@@ -9,7 +9,7 @@ from deepunroll.data.make import ensure_dataset
 from deepunroll.record import report_errors
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://deepunroll.configs", config_name="config", version_base="1.3")
 @report_errors
 def main(cfg: DictConfig) -> None:
     validate(cfg)

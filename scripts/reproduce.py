@@ -22,8 +22,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 import deepunroll.studies
-from deepunroll.validation import ConfigError
+from deepunroll.pipeline import CONFIGS
 from deepunroll.record import report_errors
+from deepunroll.validation import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,14 +43,14 @@ def load_study(cfg: DictConfig):
     if hasattr(study, "PROFILES"):
         known = sorted(study.PROFILES)
     else:  # study=rma: configs/reproduce/rma_<profile>.yaml
-        known = sorted(p.stem.removeprefix(f"{cfg.study}_") for p in (REPO / "configs" / "reproduce").glob(
+        known = sorted(p.stem.removeprefix(f"{cfg.study}_") for p in (CONFIGS / "reproduce").glob(
             f"{cfg.study}_*.yaml"))
     if cfg.profile not in known:
         raise ConfigError(f"profile={cfg.profile!r}: expected one of {', '.join(known)} for study={cfg.study}")
     return study
 
 
-@hydra.main(config_path="../configs", config_name="reproduce", version_base="1.3")
+@hydra.main(config_path="pkg://deepunroll.configs", config_name="reproduce", version_base="1.3")
 @report_errors
 def main(cfg: DictConfig) -> None:
     study = load_study(cfg)

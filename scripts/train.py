@@ -20,7 +20,7 @@ from deepunroll.train import distributed
 from deepunroll.train.trainer import resolve_device
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://deepunroll.configs", config_name="config", version_base="1.3")
 @report_errors
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -1,12 +1,14 @@
 """Shared fixtures: Hydra config composition with test-local data and run folders."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from deepunroll.pipeline import CONFIGS, compose_config  # noqa: F401  (shared by the test modules)
 
-REPO = CONFIGS.parent
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
