@@ -46,26 +46,41 @@ def network_dtype(cfg: DictConfig) -> torch.dtype:
     return DTYPES[cfg.train.dtype]
 
 
+# checkpoints written before the x0 group existed: the initial guess their data generator computed
+LEGACY_X0 = {"deepunroll.data.phantoms.EITPhantoms": "gauss_newton", "deepunroll.data.patches.ImagePatches":
+             "constant_inverse"}
+
+
+def initial_guess(cfg: DictConfig):
+    """The ``x0`` object, x0(operator, y) -> (B, *in_shape); configs without an ``x0`` node get their data's."""
+    if "x0" in cfg:
+        return instantiate(cfg.x0)
+    name = LEGACY_X0.get(OmegaConf.select(cfg, "data.generator._target_"), "zeros")
+    node = OmegaConf.load(CONFIGS / "x0" / f"{name}.yaml")
+    return instantiate(OmegaConf.merge({"data": cfg.get("data", {})}, {"x0": node}).x0)
+
+
 def build_problem(cfg: DictConfig, device: torch.device | str = "cpu"):
-    """(operator, sample generator, model) from ``cfg.operator``, ``cfg.data``, ``cfg.net``, ``cfg.accel``."""
+    """(operator, sample generator, model) from ``cfg.operator``, ``cfg.data``, ``cfg.x0``, ``cfg.net``, ``cfg.accel``."""
     operator: ForwardOperator = instantiate(cfg.operator)
     generator = instantiate(cfg.data.generator)
+    x0 = initial_guess(cfg)
     domain = cfg.net.get("domain", "native")
     if domain not in ("native", "grid"):
         raise ValueError(f"net.domain={domain!r}; expected native or grid")
     net_operator = GridOperator(operator, cfg.net.grid_size) if domain == "grid" else operator
-    model = build_model(cfg.net, cfg.accel, net_operator, initial_guess=generator.initial_guess)
+    model = build_model(cfg.net, cfg.accel, net_operator, initial_guess=x0)
     dtype = network_dtype(cfg)
     model.step.to(dtype)
     model.accelerator.to(dtype)  # the operator keeps its own (float64) precision
     if domain == "grid":
-        model = GridDomainNet(model, initial_guess=generator.initial_guess)
+        model = GridDomainNet(model, initial_guess=x0)
     return operator, generator, model.to(device)
 
 
 def load_datasets(cfg: DictConfig, operator: ForwardOperator, splits=("train", "val")) -> dict[str, InverseProblemDataset]:
     """Generate the dataset if missing, check it against the config, and load the requested splits."""
-    path = ensure_dataset(cfg.data, operator)
+    path = ensure_dataset(cfg.data, operator, initial_guess(cfg))
     dtype = network_dtype(cfg)
     return {s: InverseProblemDataset(load_split(cfg.data, operator, path, s), dtype) for s in splits}
 

@@ -6,6 +6,7 @@ from omegaconf import DictConfig
 
 from deepunroll.config_checks import validate
 from deepunroll.data.make import ensure_dataset
+from deepunroll.pipeline import initial_guess
 from deepunroll.record import report_errors
 
 
@@ -13,7 +14,7 @@ from deepunroll.record import report_errors
 @report_errors
 def main(cfg: DictConfig) -> None:
     validate(cfg)
-    path = ensure_dataset(cfg.data, instantiate(cfg.operator))
+    path = ensure_dataset(cfg.data, instantiate(cfg.operator), initial_guess(cfg))
     print(f"dataset ready: {path}")
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from conftest import CONFIGS, compose_config
 from deepunroll.evaluation import evaluate_to_files
 from deepunroll.nets.convlstm import ConvLSTMAccelerator
-from deepunroll.pipeline import build_problem, load_model, train
+from deepunroll.pipeline import build_problem, initial_guess, load_model, train
 
 BLUR = ["blur2d_lpd", "blur2d_lpd_rma", "blur2d_lpgd", "blur2d_lpgd_ma", "blur2d_lpgd_rma"]
 ACCELS = {
@@ -55,7 +55,7 @@ def test_2d_networks_shapes_and_batch_independence_float64(net, accel):
     assert operator.in_shape == (8, 8) and operator.out_shape == (4, 4)
     x = torch.rand(5, 8, 8, dtype=torch.float64)
     y = operator(x)
-    x0 = generator.initial_guess(operator, y)
+    x0 = initial_guess(cfg)(operator, y)
     batched = model(y, x0)
     singles = torch.cat([model(y[i : i + 1], x0[i : i + 1]) for i in range(5)])
     assert batched.shape == (5, 8, 8) and batched.dtype == torch.float64

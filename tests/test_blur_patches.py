@@ -66,40 +66,6 @@ def test_grid_stride_draws_without_replacement():
         source.sample(op, 65, _gen(0), "test")
 
 
-def test_initial_guess_inverts_the_constant_image_response():
-    source = ImagePatches(patch_size=16, **SMALL)
-    for stride in (1, 2, 3):
-        op = VolterraBlur2d(image_size=16, kernel_size=5, a=1.5, stride=stride, boundary="reflect")
-        c = torch.tensor([0.2, 0.9], dtype=torch.float64)[:, None, None].expand(2, 16, 16)
-        x0 = source.initial_guess(op, op(c))
-        assert x0.shape == (2, 16, 16)
-        torch.testing.assert_close(x0, c, rtol=0, atol=1e-13)
-
-
-def test_initial_guess_is_the_measurement_for_a_linear_blur():
-    source = ImagePatches(patch_size=16, **SMALL)
-    op = VolterraBlur2d(image_size=16, a=0.0)
-    y = torch.rand(3, 16, 16, dtype=torch.float64)
-    torch.testing.assert_close(source.initial_guess(op, y), y, rtol=0, atol=1e-15)
-    assert source.initial_guess(op, y.float()).dtype == torch.float32
-
-
-def test_initial_guess_interpolates_strided_measurements_linearly():
-    source = ImagePatches(patch_size=7, **SMALL)
-    op = VolterraBlur2d(image_size=7, kernel_size=3, a=0.0, stride=2)
-    ramp = torch.arange(4, dtype=torch.float64)  # samples at columns 0, 2, 4, 6
-    x0 = source.initial_guess(op, ramp.expand(1, 4, 4))
-    torch.testing.assert_close(x0[0, 0], torch.arange(7, dtype=torch.float64) / 2)
-
-
-def test_initial_guess_is_close_on_real_patches():
-    source = ImagePatches(patch_size=32, **SMALL)
-    op = VolterraBlur2d(image_size=32, a=1.0, stride=2)
-    x = source.sample(op, 8, _gen(0), "val")
-    x0 = source.initial_guess(op, op(x))
-    assert float((x0 - x).norm() / x.norm()) < 0.2
-
-
 def test_metadata():
     meta = ImagePatches(patch_size=32, **SMALL).metadata()
     assert meta["patch_size"] == 32 and meta["stride"] == -1

@@ -10,6 +10,7 @@ from conftest import compose_config
 from deepunroll.data.generators import RandomWalkSignals, add_relative_noise
 from deepunroll.data.h5 import DatasetError, read_split
 from deepunroll.data.make import ensure_dataset, load_split
+from deepunroll.pipeline import initial_guess
 
 
 def test_random_walks_are_published_signals():
@@ -40,7 +41,7 @@ def test_relative_noise_level():
 def test_make_data_writes_documented_layout(tiny_toy):
     cfg = compose_config(tiny_toy + ["operator.a=1.5"])
     op = instantiate(cfg.operator)
-    path = ensure_dataset(cfg.data, op)
+    path = ensure_dataset(cfg.data, op, initial_guess(cfg))
     with h5py.File(path) as f:
         assert f.attrs["format"] == "deepunroll-dataset" and f.attrs["seed"] == 0
         assert f["operator"].attrs["a"] == 1.5
@@ -51,30 +52,30 @@ def test_make_data_writes_documented_layout(tiny_toy):
     # disjoint splits: no test signal equals a training signal
     assert not (np.abs(train[:, None, :] - test[None, :, :]).sum(-1) < 1e-12).any()
     # the same config finds the same file; a different `a` makes a different one
-    assert ensure_dataset(cfg.data, op) == path
+    assert ensure_dataset(cfg.data, op, initial_guess(cfg)) == path
     cfg_b = compose_config(tiny_toy + ["operator.a=0.5"])
-    assert ensure_dataset(cfg_b.data, instantiate(cfg_b.operator)) != path
+    assert ensure_dataset(cfg_b.data, instantiate(cfg_b.operator), initial_guess(cfg_b)) != path
 
 
 def test_mismatched_operator_is_an_error_naming_the_field(tiny_toy):
     cfg = compose_config(tiny_toy + ["operator.a=1.5"])
-    path = ensure_dataset(cfg.data, instantiate(cfg.operator))
+    path = ensure_dataset(cfg.data, instantiate(cfg.operator), initial_guess(cfg))
     wrong_a = compose_config(tiny_toy + ["operator.a=2.0", f"data.path={path}"])
     with pytest.raises(DatasetError, match=r"operator.a is 1.5 in the file but 2.0 in the config"):
-        ensure_dataset(wrong_a.data, instantiate(wrong_a.operator))
+        ensure_dataset(wrong_a.data, instantiate(wrong_a.operator), initial_guess(wrong_a))
     wrong_seed = compose_config(tiny_toy + ["operator.a=1.5", "operator.seed=7", f"data.path={path}"])
     with pytest.raises(DatasetError, match=r"operator.seed is 0 in the file but 7 in the config"):
-        ensure_dataset(wrong_seed.data, instantiate(wrong_seed.operator))
+        ensure_dataset(wrong_seed.data, instantiate(wrong_seed.operator), initial_guess(wrong_seed))
     with h5py.File(path, "r+") as f:  # same seed, different kernel (e.g. drawn by other code)
         f["operator/W1"][0, 0] += 0.01
     with pytest.raises(DatasetError, match=r"operator.W1 is array of shape \(9, 9\) in the file"):
-        ensure_dataset(cfg.data, instantiate(cfg.operator))
+        ensure_dataset(cfg.data, instantiate(cfg.operator), initial_guess(cfg))
 
 
 def test_n_train_subset_and_pool_limit(tiny_toy):
     cfg = compose_config(tiny_toy + ["data.n_train=40"])
     op = instantiate(cfg.operator)
-    path = ensure_dataset(cfg.data, op)
+    path = ensure_dataset(cfg.data, op, initial_guess(cfg))
     assert load_split(cfg.data, op, path, "train")["x"].shape == (40, 53)
     too_many = compose_config(tiny_toy + ["data.n_train=500"])
     with pytest.raises(DatasetError, match=r"data.n_train=500 exceeds the 96 train samples"):
@@ -85,8 +86,8 @@ def test_missing_corrupt_and_nan_files(tiny_toy, tmp_path):
     cfg = compose_config(tiny_toy)
     op = instantiate(cfg.operator)
     with pytest.raises(FileNotFoundError, match="make_data.py"):
-        ensure_dataset(cfg.data, op, generate=False)
-    path = ensure_dataset(cfg.data, op)
+        ensure_dataset(cfg.data, op, initial_guess(cfg), generate=False)
+    path = ensure_dataset(cfg.data, op, initial_guess(cfg))
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(path.read_bytes()[:2000])
     with pytest.raises(DatasetError, match="truncated or corrupt"):

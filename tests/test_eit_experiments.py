@@ -142,18 +142,19 @@ def test_dataset_with_another_mesh_or_protocol_is_refused(tiny_eit):
 
     from deepunroll.data.h5 import DatasetError
     from deepunroll.data.make import ensure_dataset
+    from deepunroll.pipeline import initial_guess
 
     cfg = compose_config(["data=eit"] + tiny_eit)
-    path = ensure_dataset(cfg.data, instantiate(cfg.operator))
+    path = ensure_dataset(cfg.data, instantiate(cfg.operator), initial_guess(cfg))
     with h5py.File(path) as f:  # sigma, voltages, GN x0, mesh, protocol and seed are all in the file
         assert f["train/x"].shape[1] == f["operator"].attrs["n_elems"] and f.attrs["seed"] == 0
         assert {"nodes", "elements", "el_pos", "ex_mat", "meas_mat"} <= set(f["operator"])
     finer = compose_config(["data=eit"] + tiny_eit + ["operator.h0=0.25", f"data.path={path}"])
     with pytest.raises(DatasetError, match=r"operator.h0 is 0.3 in the file but 0.25 in the config"):
-        ensure_dataset(finer.data, instantiate(finer.operator))
+        ensure_dataset(finer.data, instantiate(finer.operator), initial_guess(finer))
     fewer = compose_config(["data=eit"] + tiny_eit + ["operator.electrodes=[0,2,4,6]", f"data.path={path}"])
     with pytest.raises(DatasetError, match=r"operator.n_meas is 40 in the file but 4 in the config"):
-        ensure_dataset(fewer.data, instantiate(fewer.operator))
+        ensure_dataset(fewer.data, instantiate(fewer.operator), initial_guess(fewer))
 
 
 def test_hydra_multirun_sweep(tmp_path):

@@ -57,17 +57,22 @@ def test_rasterisation_matches_pyeit_set_perm(op):
 
 
 def test_initial_guess_is_published_gauss_newton(op):
+    """data=eit selects x0=gauss_newton: GaussNewton from the phantoms' background, published defaults."""
+    from conftest import compose_config
+    from deepunroll.pipeline import initial_guess
+
     gen = EITPhantoms(2)
     y = op(gen.sample(op, 2, torch.Generator().manual_seed(1)))
-    x0 = gen.initial_guess(op, y)
+    x0 = initial_guess(compose_config(["data=eit"]))(op, y)
     assert x0.shape == (2, op.n_elems)
     assert torch.equal(x0, GaussNewton()(op, y))
+    background = compose_config(["data=eit", "data.generator.background=2.0"])
+    assert initial_guess(background).background == 2.0 and initial_guess(background).n_iter == 8
 
 
 def test_metadata_and_validation():
     meta = EITPhantoms(3, margin=0.1).metadata()
     assert meta["n_inclusions"] == 3 and meta["margin"] == 0.1 and meta["values"] == [2.0, 1.5, 0.5]
-    assert meta["initial_guess"]["n_iter"] == 8
     for kwargs in (dict(n_inclusions=5), dict(margin=-0.1), dict(background=0.0)):
         with pytest.raises(ValueError):
             EITPhantoms(**kwargs)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from deepunroll.nets.backprop import BACKPROP
-from deepunroll.pipeline import build_problem, compose_config
+from deepunroll.pipeline import build_problem, compose_config, initial_guess
 from deepunroll.tables import write_csv
 from deepunroll.train.memory import count_saved_bytes
 
@@ -37,7 +37,7 @@ def measure(problem: str, mode: str, depth: int, batch: int, device: torch.devic
     operator, generator, model = build_problem(cfg, device)
     x = generator.sample(operator, batch, torch.Generator().manual_seed(0)).to(device)
     y = operator(x)
-    x0 = generator.initial_guess(operator, y)
+    x0 = initial_guess(cfg)(operator, y)
     dtype = next(model.parameters()).dtype
     x, y, x0 = x.to(dtype), y.to(dtype), x0.to(dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)

@@ -1,7 +1,8 @@
 """Ground-truth generators and the measurement noise model.
 
-A generator is any object with ``sample(operator, n, generator, split) -> x (n, *in_shape)``,
-``initial_guess(operator, y) -> x0 (B, *in_shape)`` and ``metadata() -> dict``.
+A generator is any object with ``sample(operator, n, generator, split) -> x (n, *in_shape)`` and
+``metadata() -> dict``; the initial guess x0 is a separate object (the ``x0`` config group,
+:mod:`deepunroll.initial_guess`).
 """
 
 from __future__ import annotations
@@ -53,9 +54,6 @@ class RandomWalkSignals:
         x = torch.cat(accepted)[:n]
         low, high = x.min(dim=1, keepdim=True).values, x.max(dim=1, keepdim=True).values
         return 2 * (x - low) / (high - low) - 1
-
-    def initial_guess(self, operator: ForwardOperator, y: torch.Tensor) -> torch.Tensor:
-        return y.new_zeros((y.shape[0], *operator.in_shape))
 
     def metadata(self) -> dict:
         return {"generator": type(self).__name__, "step_scale": self.step_scale}

@@ -17,14 +17,15 @@ from deepunroll.data.h5 import SPLITS, check_metadata, read_split, write_dataset
 from deepunroll.operators.base import ForwardOperator
 
 
-def data_metadata(data_cfg: DictConfig, generator) -> dict:
-    """What defines a dataset besides the operator: problem, seed, noise, split sizes, generator."""
+def data_metadata(data_cfg: DictConfig, generator, x0) -> dict:
+    """What defines a dataset besides the operator: problem, seed, noise, split sizes, generator, initial guess."""
     return {
         "problem": str(data_cfg.name),
         "seed": int(data_cfg.seed),
         "noise": float(data_cfg.noise),
         "splits": {s: int(data_cfg.splits[s]) for s in SPLITS},
         "generator": generator.metadata(),
+        "x0": x0.metadata(),
     }
 
 
@@ -42,15 +43,17 @@ def _fingerprint(operator_meta: dict, data_meta: dict) -> str:
     return digest.hexdigest()[:10]
 
 
-def dataset_path(data_cfg: DictConfig, operator: ForwardOperator, generator) -> Path:
+def dataset_path(data_cfg: DictConfig, operator: ForwardOperator, generator, x0) -> Path:
     """``data.path`` if set, else ``{data.root}/{data.name}_{fingerprint}.h5``."""
     if data_cfg.get("path"):
         return Path(data_cfg.path)
-    return Path(data_cfg.root) / f"{data_cfg.name}_{_fingerprint(operator.metadata(), data_metadata(data_cfg, generator))}.h5"
+    fingerprint = _fingerprint(operator.metadata(), data_metadata(data_cfg, generator, x0))
+    return Path(data_cfg.root) / f"{data_cfg.name}_{fingerprint}.h5"
 
 
-def generate_dataset(data_cfg: DictConfig, operator: ForwardOperator, generator, path: Path, chunk: int = 256) -> None:
-    """Draw x, measure y = F(x) (+ noise), compute x0, for every split, and write the HDF5 file."""
+def generate_dataset(data_cfg: DictConfig, operator: ForwardOperator, generator, x0, path: Path,
+                     chunk: int = 256) -> None:
+    """Draw x, measure y = F(x) (+ noise), compute x0(operator, y), for every split, and write the HDF5 file."""
     rng = torch.Generator().manual_seed(int(data_cfg.seed))
     splits = {}
     for split in SPLITS:
@@ -61,15 +64,16 @@ def generate_dataset(data_cfg: DictConfig, operator: ForwardOperator, generator,
             with torch.no_grad():
                 y = add_relative_noise(operator(x[start : start + chunk]), float(data_cfg.noise), rng)
                 y_parts.append(y)
-                x0_parts.append(generator.initial_guess(operator, y))
+                x0_parts.append(x0(operator, y))
         splits[split] = {"x": x, "y": torch.cat(y_parts), "x0": torch.cat(x0_parts)}
-    write_dataset(path, splits, operator.metadata(), data_metadata(data_cfg, generator))
+    write_dataset(path, splits, operator.metadata(), data_metadata(data_cfg, generator, x0))
 
 
-def ensure_dataset(data_cfg: DictConfig, operator: ForwardOperator, generate: bool = True) -> Path:
-    """Path of the dataset for this config: generated when missing (if ``generate``), else validated."""
+def ensure_dataset(data_cfg: DictConfig, operator: ForwardOperator, x0, generate: bool = True) -> Path:
+    """Path of the dataset for ``data.*``, ``operator`` and the initial guess ``x0`` (an object of the ``x0``
+    group): generated when missing (if ``generate``), else validated."""
     generator = instantiate(data_cfg.generator)
-    path = dataset_path(data_cfg, operator, generator)
+    path = dataset_path(data_cfg, operator, generator, x0)
     if not path.exists():
         if not generate:
             raise FileNotFoundError(
@@ -77,8 +81,8 @@ def ensure_dataset(data_cfg: DictConfig, operator: ForwardOperator, generate: bo
                 f"operator/data overrides"
             )
         print(f"generating dataset {path} ...")
-        generate_dataset(data_cfg, operator, generator, path)
-    check_metadata(path, operator.metadata(), data_metadata(data_cfg, generator))
+        generate_dataset(data_cfg, operator, generator, x0, path)
+    check_metadata(path, operator.metadata(), data_metadata(data_cfg, generator, x0))
     return path
 
 

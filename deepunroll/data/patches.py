@@ -94,23 +94,6 @@ class ImagePatches:
         """n patches of ``split``'s images, drawn with ``generator``: (n, P, P) float64 in [0, 1]."""
         return self.draw(operator, n, generator, split)[0]
 
-    def initial_guess(self, operator, y: torch.Tensor) -> torch.Tensor:
-        """x0: y linearly interpolated back to the image grid, then the constant-image response inverted.
-
-        A constant image c gives y = S_w c + a S_W c^2 (S_w, S_W: sums of w and W, both 1 here), so
-        x0 = 2 y / (S_w + sqrt(S_w^2 + 4 a S_W y)), with the square root's argument clamped at 0
-        (a = 0: x0 = y / S_w). y (B, H', W') -> x0 (B, H, W), y's dtype and device.
-        """
-        height, width = operator.in_shape
-        stride = operator.stride
-        rows = _interpolation_matrix(height, y.shape[-2], stride).to(dtype=y.dtype, device=y.device)
-        cols = _interpolation_matrix(width, y.shape[-1], stride).to(dtype=y.dtype, device=y.device)
-        upsampled = rows @ y @ cols.T
-        sum_w = float(operator.linear_kernel.sum())
-        sum_quad = float(operator.quadratic_kernel.sum())
-        root = torch.sqrt((sum_w**2 + 4 * operator.a * sum_quad * upsampled).clamp_min(0))
-        return 2 * upsampled / (sum_w + root)
-
     def metadata(self) -> dict:
         """Patch size, stride (-1 = random positions), image names per split, scaling."""
         return {
@@ -169,15 +152,3 @@ class ImagePatches:
         for row, (index, top, left) in enumerate(origins.tolist()):  # copies n crops, no per-pixel work
             patches[row] = images[index][top : top + size, left : left + size]
         return torch.from_numpy(patches), origins
-
-
-def _interpolation_matrix(n: int, n_samples: int, stride: int) -> torch.Tensor:
-    """(n, n_samples) matrix: linear interpolation from samples at 0, s, 2s, ... to 0 .. n-1, constant past the last."""
-    position = (torch.arange(n, dtype=torch.float64) / stride).clamp(max=n_samples - 1)
-    lower = position.floor().long().clamp(max=n_samples - 1)
-    upper = (lower + 1).clamp(max=n_samples - 1)
-    frac = position - lower
-    matrix = torch.zeros(n, n_samples, dtype=torch.float64)
-    matrix[torch.arange(n), lower] += 1 - frac
-    matrix[torch.arange(n), upper] += frac
-    return matrix

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from deepunroll.operators.eit import EIT, GaussNewton
+from deepunroll.operators.base import ForwardOperator
 
 PUBLISHED = {
     2: {"centre_range": 0.6, "radius_min": 0.2, "radius_span": 0.1, "values": [2.0, 0.5]},
@@ -23,9 +23,7 @@ PUBLISHED = {
 
 class EITPhantoms:
     """sigma (n, n_elems): background + ``n_inclusions`` disjoint circular inclusions (S per element).
-
-    ``initial_guess`` is the published x0: 8 iterations of regularised Gauss-Newton from the
-    background (``GaussNewton`` defaults).
+    The published x0 (Gauss-Newton from the background) is the ``x0=gauss_newton`` config group.
     """
 
     def __init__(self, n_inclusions: int = 2, margin: float = 0.05, background: float = 1.0) -> None:
@@ -45,7 +43,6 @@ class EITPhantoms:
             "margin": self.margin,
             "background": self.background,
             **{key: (list(value) if isinstance(value, list) else value) for key, value in self.layout.items()},
-            "initial_guess": GaussNewton(background=self.background).metadata(),
         }
 
     def draw_circles(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,14 +72,10 @@ class EITPhantoms:
             sigma = torch.where(inside[:, index], torch.as_tensor(value, dtype=sigma.dtype), sigma)
         return sigma
 
-    def sample(self, operator: EIT, n: int, generator: torch.Generator, split: str = "") -> torch.Tensor:
+    def sample(self, operator: ForwardOperator, n: int, generator: torch.Generator, split: str = "") -> torch.Tensor:
         """(n, n_elems) float64 phantoms on the operator's mesh, on the operator's device."""
         if int(n) < 0:
             raise ValueError(f"number of phantoms must be >= 0, got {n}")
         centres, radii = self.draw_circles(int(n), generator)
         centroids = operator.centroids.to(torch.float64)
         return self.rasterise(centroids, centres.to(centroids.device), radii.to(centroids.device))
-
-    def initial_guess(self, operator: EIT, y: torch.Tensor) -> torch.Tensor:
-        """x0 (B, n_elems): published Gauss-Newton reconstruction from the background."""
-        return GaussNewton(background=self.background)(operator, y)
