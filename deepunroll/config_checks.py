@@ -44,7 +44,8 @@ RULES = {
     "accel.eta": POSITIVE,
     "accel.hidden": POSITIVE_INT,
     "accel.layers": POSITIVE_INT,
-    "accel.cell": one_of("lstm", "gru", "convlstm"),
+    "accel.cell": (lambda v: v in ("lstm", "gru"), "one of lstm, gru (the convolutional LSTM for images: accel=convlstm)"),
+    "accel.channels_hidden": POSITIVE_INT,
 }
 KNOWN_TRAIN_KEYS = {k.split(".")[1] for k in RULES if k.startswith("train.")} | {"betas"}
 

@@ -17,7 +17,7 @@ ACCELS = {
     "none": ["accel=none"],
     "momentum": ["accel=momentum", "accel.eta=0.2"],
     "rma_lstm": ["accel=rma", "accel.cell=lstm", "accel.hidden=8"],
-    "rma_convlstm": ["accel=rma", "accel.cell=convlstm", "accel.hidden=4"],
+    "rma_convlstm": ["accel=convlstm", "accel.channels_hidden=4"],
 }
 
 
@@ -26,11 +26,11 @@ def test_blur_experiments_exist():
 
 
 @pytest.mark.parametrize("experiment", BLUR)
-@pytest.mark.parametrize("cell", [None, "lstm"])
-def test_blur_experiment_composes_with_2d_networks(experiment, cell):
-    if cell and not experiment.endswith("_rma"):
-        pytest.skip("accel.cell applies to RMA only")
-    cfg = compose_config([f"+experiment={experiment}"] + ([f"accel.cell={cell}"] if cell else []))
+@pytest.mark.parametrize("accel", [None, "rma"])
+def test_blur_experiment_composes_with_2d_networks(experiment, accel):
+    if accel and not experiment.endswith("_rma"):
+        pytest.skip("the fully connected RMA replaces the convolutional one of the _rma experiments")
+    cfg = compose_config([f"+experiment={experiment}"] + ([f"accel={accel}"] if accel else []))
     assert cfg.name == experiment and cfg.data.generator.patch_size == cfg.operator.image_size
     assert {"psnr", "ssim"} <= set(cfg.data.metrics)
     operator, _, model = build_problem(cfg)
@@ -38,7 +38,7 @@ def test_blur_experiment_composes_with_2d_networks(experiment, cell):
     convs = [m for m in model.step.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
     assert convs and all(isinstance(m, nn.Conv2d) for m in convs)
     if experiment.endswith("_rma"):
-        assert isinstance(model.accelerator, ConvLSTMAccelerator) == (cell is None)
+        assert isinstance(model.accelerator, ConvLSTMAccelerator) == (accel is None)
     y = torch.rand(2, *operator.out_shape)
     assert model(y, torch.rand(2, *operator.in_shape)).shape == (2, *operator.in_shape)
 
@@ -66,7 +66,7 @@ def test_tiny_training_lowers_loss_and_evaluation_writes_csv_and_figure(tmp_path
     cfg = compose_config([
         "+experiment=blur2d_lpgd_rma", "operator.image_size=16", f"data.root={tmp_path / 'data'}",
         "data.splits.train=96", "data.splits.val=16", "data.splits.test=16", "net.n_iter=2",
-        "net.step.hidden=8", "accel.hidden=4", "train.epochs=3", "train.batch_size=16", "train.device=cpu",
+        "net.step.hidden=8", "accel.channels_hidden=4", "train.epochs=3", "train.batch_size=16", "train.device=cpu",
         "train.lr=3e-3",
     ])
     result = train(cfg, tmp_path / "run")

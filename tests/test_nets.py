@@ -19,7 +19,7 @@ NET = {
 ACCEL = {
     "none": {"_target_": "deepunroll.nets.accel.NoAcceleration"},
     "momentum": {"_target_": "deepunroll.nets.accel.Momentum", "beta": 0.8, "eta": 1e-3},
-    "rma": {"_target_": "deepunroll.nets.accel.recurrent_momentum", "cell": "lstm", "hidden": 16, "layers": 1},
+    "rma": {"_target_": "deepunroll.nets.accel.RMA", "cell": "lstm", "hidden": 16, "layers": 1},
     "rma_gru2": {"_target_": "deepunroll.nets.accel.RMA", "cell": "gru", "hidden": 8, "layers": 2},
 }
 
@@ -121,3 +121,28 @@ def test_authors_toy_rma_settings():
         assert torch.all(getattr(rnn, f"bias_hh_l{layer}")[forget] == 0.0)
     default = build_problem(compose_config(["+experiment=toy_lpgd_rma"]))[2].accelerator.rnn
     assert torch.all(default.bias_ih_l0[128:256] == 1.0)
+
+
+def test_checkpoints_naming_the_old_rma_factory_build_the_same_accelerator():
+    """Configs written before accel=convlstm existed named deepunroll.nets.accel.recurrent_momentum."""
+    from deepunroll.nets.build import LEGACY_RMA, upgrade_accel
+    from deepunroll.nets.convlstm import ConvLSTMAccelerator
+
+    lstm = upgrade_accel(OmegaConf.create({"_target_": LEGACY_RMA, "cell": "gru", "hidden": 8, "layers": 2,
+                                           "kernel_size": 3, "forget_bias": 1.0}))
+    assert OmegaConf.to_container(lstm) == {"_target_": "deepunroll.nets.accel.RMA", "cell": "gru", "hidden": 8,
+                                            "layers": 2, "forget_bias": 1.0}
+    conv = upgrade_accel(OmegaConf.create({"_target_": LEGACY_RMA, "cell": "convlstm", "hidden": 4, "layers": 1,
+                                           "kernel_size": 5}))
+    assert OmegaConf.to_container(conv) == {"_target_": "deepunroll.nets.convlstm.ConvLSTMAccelerator",
+                                            "channels_hidden": 4, "kernel_size": 5, "layers": 1}
+    model = build_model(OmegaConf.create(NET["lpgd"]), conv, _blur_operator())
+    assert isinstance(model.accelerator, ConvLSTMAccelerator) and model.accelerator.readout.in_channels == 4
+    current = OmegaConf.create({"_target_": "deepunroll.nets.accel.Momentum", "beta": 0.5, "eta": 1.0})
+    assert upgrade_accel(current) is current
+
+
+def _blur_operator():
+    from deepunroll.operators.blur import VolterraBlur2d
+
+    return VolterraBlur2d(image_size=8, kernel_size=3)

@@ -35,7 +35,8 @@ def test_bad_values_name_the_key(override, message):
 
 
 def test_accel_options_are_checked():
-    with pytest.raises(ConfigError, match=r"accel.cell='rnn': expected one of lstm, gru, convlstm"):
+    with pytest.raises(ConfigError, match=r"accel.cell='rnn': expected one of lstm, gru \(the convolutional LSTM for "
+                                          r"images: accel=convlstm\)"):
         validate(compose_config(["accel=rma", "accel.cell=rnn"]))
 
 

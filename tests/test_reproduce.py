@@ -30,7 +30,7 @@ def test_csv_has_one_row_per_run_with_commit_and_config(tiny_run):
         config = json.loads(row["config"])
         assert config["operator"]["a"] == 1.0 and config["seed"] == 0 and config["train"]["epochs"] == 2
         assert row["git_commit"] and float(row["mse_mean"]) > 0
-    assert json.loads(rows[1]["config"])["accel"]["_target_"].endswith("recurrent_momentum")
+    assert json.loads(rows[1]["config"])["accel"]["_target_"].endswith("accel.RMA")
     assert len(tables["toy_sweep"]) == 2
 
 

@@ -52,7 +52,7 @@ class PyEITPerSample(ForwardOperator):
 
 NET = {"n_iter": 20, "grad_through_operator": False,
        "step": {"_target_": "deepunroll.nets.lpgd.LPGDStep", "hidden": 32, "n_conv": 4, "share_weights": False}}
-ACCEL = {"_target_": "deepunroll.nets.accel.recurrent_momentum", "cell": "lstm", "hidden": 128, "layers": 1}
+ACCEL = {"_target_": "deepunroll.nets.accel.RMA", "cell": "lstm", "hidden": 128, "layers": 1}
 
 
 def training_step(model, optimizer, y, x0, x) -> None:

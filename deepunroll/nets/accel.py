@@ -55,13 +55,13 @@ class RMA(nn.Module):
     """
 
     CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
-    ALL_CELLS = ("lstm", "gru", "convlstm")
 
     def __init__(self, x_shape: tuple[int, ...], cell: str = "lstm", hidden: int = 128, layers: int = 1,
                  forget_bias: float = 1.0) -> None:
         super().__init__()
         if cell not in self.CELLS:
-            raise ValueError(f"accel.cell={cell!r}; expected one of {list(self.ALL_CELLS)}")
+            raise ValueError(f"accel.cell={cell!r}; expected one of {', '.join(self.CELLS)} "
+                             "(the convolutional LSTM for images: accel=convlstm)")
         if hidden <= 0 or layers <= 0:
             raise ValueError(f"accel.hidden={hidden}, accel.layers={layers}; expected positive integers")
         n_features = math.prod(x_shape)
@@ -83,14 +83,3 @@ class RMA(nn.Module):
         hidden = state[0] if self.cell_type == "lstm" else state
         v = self.readout(hidden.transpose(0, 1).flatten(1))
         return v.reshape(d.shape), state
-
-
-def recurrent_momentum(x_shape: tuple[int, ...], cell: str = "lstm", hidden: int = 128, layers: int = 1,
-                       kernel_size: int = 3, forget_bias: float = 1.0) -> nn.Module:
-    """The RMA accelerator for ``accel.cell``: lstm / gru (fully connected on flattened d_k, see :class:`RMA`)
-    or convlstm (a convolutional LSTM with ``hidden`` channels and ``kernel_size`` for images (B, H, W))."""
-    if cell == "convlstm":
-        from deepunroll.nets.convlstm import ConvLSTMAccelerator
-
-        return ConvLSTMAccelerator(channels_hidden=hidden, kernel_size=kernel_size, layers=layers, x_shape=x_shape)
-    return RMA(x_shape, cell=cell, hidden=hidden, layers=layers, forget_bias=forget_bias)

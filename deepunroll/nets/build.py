@@ -21,6 +21,22 @@ def _shape_kwargs(node: DictConfig, operator: ForwardOperator, n_iter: int, aux_
     return {name: value for name, value in available.items() if name in params}
 
 
+LEGACY_RMA = "deepunroll.nets.accel.recurrent_momentum"  # the factory that chose between RMA and the ConvLSTM
+
+
+def upgrade_accel(accel_cfg: DictConfig) -> DictConfig:
+    """An ``accel`` node of a checkpoint written before ``accel=convlstm`` existed, in today's terms."""
+    if accel_cfg.get("_target_") != LEGACY_RMA:
+        return accel_cfg
+    node = OmegaConf.to_container(accel_cfg)
+    cell, hidden, layers = node.get("cell", "lstm"), node.get("hidden", 128), node.get("layers", 1)
+    if cell == "convlstm":
+        return OmegaConf.create({"_target_": "deepunroll.nets.convlstm.ConvLSTMAccelerator", "channels_hidden": hidden,
+                                 "kernel_size": node.get("kernel_size", 3), "layers": layers})
+    return OmegaConf.create({"_target_": "deepunroll.nets.accel.RMA", "cell": cell, "hidden": hidden, "layers": layers,
+                             "forget_bias": node.get("forget_bias", 1.0)})
+
+
 def build_model(net_cfg: DictConfig, accel_cfg: DictConfig, operator: ForwardOperator, initial_guess=None) -> UnrolledNet:
     """UnrolledNet(operator, step, accelerator, n_iter) as configured by ``net.*`` and ``accel.*``.
 
@@ -39,6 +55,7 @@ def build_model(net_cfg: DictConfig, accel_cfg: DictConfig, operator: ForwardOpe
 
         spectral_normalise(step, float(net_cfg.spectral_norm))
     fixed_point = net_cfg.get("fixed_point")
+    accel_cfg = upgrade_accel(accel_cfg)
     accelerator = instantiate(accel_cfg, **_shape_kwargs(accel_cfg, operator, n_iter))
     return UnrolledNet(
         operator,

@@ -57,7 +57,7 @@ class ConvLSTMAccelerator(nn.Module):
         if x_shape is not None and len(x_shape) != 2:
             raise ValueError(
                 f"the convolutional LSTM accelerator needs 2D images (H, W), but the operator's x_shape is "
-                f"{tuple(x_shape)}; use the fully connected LSTM (accel.cell=lstm) for other shapes"
+                f"{tuple(x_shape)}; use the fully connected LSTM (accel=rma) for other shapes"
             )
         self.channels_hidden, self.kernel_size, self.layers = int(channels_hidden), int(kernel_size), int(layers)
         self.cells = nn.ModuleList(
