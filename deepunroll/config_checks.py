@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from deepunroll.nets.accel import check_accel
 from deepunroll.nets.backprop import make_backprop
+from deepunroll.train.trainer import TrainSettings
 from deepunroll.validation import (BOOL, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
                                    ConfigError, is_int, is_number, one_of)
 
@@ -17,15 +19,6 @@ from deepunroll.validation import (BOOL, FRACTION, NON_NEGATIVE, NON_NEGATIVE_IN
 RULES = {
     "seed": NON_NEGATIVE_INT,
     "evaluate": BOOL,
-    "train.epochs": POSITIVE_INT,
-    "train.batch_size": POSITIVE_INT,
-    "train.lr": POSITIVE,
-    "train.grad_clip": POSITIVE,
-    "train.device": one_of("auto", "cpu", "cuda"),
-    "train.dtype": one_of("float32", "float64"),
-    "train.resume": BOOL,
-    "train.on_nonfinite": one_of("stop", "skip"),
-    "train.amp": BOOL,
     "net.n_iter": POSITIVE_INT,
     "net.grad_through_operator": BOOL,
     "net.spectral_norm": (lambda v: v is None or (is_number(v) and v > 0), "null (off) or a number > 0"),
@@ -40,14 +33,7 @@ RULES = {
     "operator.a": (lambda v: is_number(v), "a number"),
     "operator.h0": POSITIVE,
     "operator.meas_fraction": FRACTION,
-    "accel.beta": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "accel.eta": POSITIVE,
-    "accel.hidden": POSITIVE_INT,
-    "accel.layers": POSITIVE_INT,
-    "accel.cell": (lambda v: v in ("lstm", "gru"), "one of lstm, gru (the convolutional LSTM for images: accel=convlstm)"),
-    "accel.channels_hidden": POSITIVE_INT,
 }
-KNOWN_TRAIN_KEYS = {k.split(".")[1] for k in RULES if k.startswith("train.")} | {"betas"}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -58,13 +44,10 @@ def validate(cfg: DictConfig) -> None:
             continue
         if not ok(value):
             raise ConfigError(f"{key}={value!r}: expected {allowed}")
-    if "train" in cfg:
-        unknown = sorted(set(cfg.train) - KNOWN_TRAIN_KEYS)
-        if unknown:
-            raise ConfigError(f"train.{unknown[0]}: unknown key; known keys are {sorted(KNOWN_TRAIN_KEYS)}")
-        betas = cfg.train.get("betas")
-        if betas is not None and not (len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)):
-            raise ConfigError(f"train.betas={list(betas)!r}: expected two numbers in [0, 1)")
+    if "train" in cfg:  # the loop's settings check themselves
+        TrainSettings.from_config(OmegaConf.to_container(cfg.train))
+    if "accel" in cfg:  # so do the accelerators (their keys depend on the class)
+        check_accel(cfg.accel)
     mode = OmegaConf.select(cfg, "net.backprop")
     if mode is not None:  # the backprop strategy checks its mode and net.fixed_point.* itself
         fixed_point = OmegaConf.select(cfg, "net.fixed_point")

@@ -25,12 +25,12 @@ from deepunroll.nets.unrolled import UnrolledNet, count_parameters
 from deepunroll.operators.base import ForwardOperator
 from deepunroll.operators.eit.grid import GridOperator
 from deepunroll.config_checks import validate
+from deepunroll.validation import check, one_of
 from deepunroll.record import write_run_record
 from deepunroll.train import checkpoint, distributed
 from deepunroll.train.checkpoint import seed_everything
-from deepunroll.train.trainer import Trainer, TrainSettings, resolve_device
+from deepunroll.train.trainer import DTYPES, Trainer, TrainSettings, resolve_device
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CONFIGS = Path(deepunroll.configs.__file__).parent  # configs/, installed as deepunroll.configs
 
 
@@ -41,8 +41,7 @@ def compose_config(overrides=(), config_name: str = "config") -> DictConfig:
 
 
 def network_dtype(cfg: DictConfig) -> torch.dtype:
-    if cfg.train.dtype not in DTYPES:
-        raise ValueError(f"train.dtype={cfg.train.dtype!r}; expected one of {sorted(DTYPES)}")
+    check("train.dtype", cfg.train.dtype, one_of(*DTYPES))
     return DTYPES[cfg.train.dtype]
 
 
@@ -98,7 +97,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     device = distributed.init_from_env(resolve_device(cfg.train.device))
     run_dir = Path(distributed.broadcast(str(run_dir)))
     operator, _, model = build_problem(cfg, device)
-    settings = TrainSettings(**{k: cfg.train[k] for k in TrainSettings.__dataclass_fields__})
+    settings = TrainSettings.from_config({k: cfg.train[k] for k in cfg.train if k not in TrainSettings.PIPELINE_KEYS})
     trainer = Trainer(model, settings, run_dir, int(cfg.seed))
     trainer.check_run_dir()
     if not distributed.is_main():

@@ -38,3 +38,10 @@ def check(key: str, value, rule) -> None:
     ok, allowed = rule
     if not ok(value):
         raise ConfigError(f"{key}={value!r}: expected {allowed}")
+
+
+def check_all(prefix: str, rules: dict, values: dict) -> None:
+    """:func:`check` every ``values[name]`` that has a rule, under the config key ``prefix.name``."""
+    for name, value in values.items():
+        if name in rules:
+            check(f"{prefix}.{name}", value, rules[name])

@@ -38,6 +38,10 @@ def test_accel_options_are_checked():
     with pytest.raises(ConfigError, match=r"accel.cell='rnn': expected one of lstm, gru \(the convolutional LSTM for "
                                           r"images: accel=convlstm\)"):
         validate(compose_config(["accel=rma", "accel.cell=rnn"]))
+    with pytest.raises(ConfigError, match=r"^accel.kernel_size=4: expected an odd positive integer$"):
+        validate(compose_config(["accel=convlstm", "accel.kernel_size=4"]))
+    with pytest.raises(ConfigError, match=r"^accel.beta=1.0: expected a number in \[0, 1\)$"):
+        validate(compose_config(["accel=momentum", "accel.beta=1.0"]))
 
 
 def run_script(*args, timeout=300):

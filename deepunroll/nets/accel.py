@@ -1,7 +1,9 @@
 """Gradient accelerators: map the raw data-fit direction d_k to the direction v_k fed to a step.
 
 Interface: ``init_state(d) -> state`` (zero state for a batch shaped like d) and
-``forward(d, state) -> (v, state)``; one module is shared by all iterations.
+``forward(d, state) -> (v, state)``; one module is shared by all iterations. A class's ``RULES``
+({argument: rule}, :mod:`deepunroll.validation`) are its ``accel.*`` checks: the constructor applies them,
+and :func:`check_accel` applies them to a config before anything is built.
 Sign convention (as in Zhou et al., Inverse Problems 2024): d_k = J(x_k)^T (F(x_k) - y).
 """
 
@@ -10,7 +12,17 @@ from __future__ import annotations
 import math
 
 import torch
+from hydra.utils import get_object
 from torch import nn
+
+from deepunroll.validation import POSITIVE, POSITIVE_INT, UNIT_INTERVAL, check_all, is_number
+
+
+def check_accel(accel_cfg) -> None:
+    """ConfigError naming the ``accel.*`` key whose value the configured class's ``RULES`` refuse."""
+    target = accel_cfg.get("_target_")
+    rules = getattr(get_object(target), "RULES", {}) if target else {}
+    check_all("accel", rules, {k: v for k, v in accel_cfg.items() if k != "_target_"})
 
 
 class NoAcceleration(nn.Module):
@@ -26,12 +38,11 @@ class NoAcceleration(nn.Module):
 class Momentum(nn.Module):
     """Momentum baseline (MA): v_k = beta v_{k-1} + eta d_k, v_{-1} = 0."""
 
+    RULES = {"beta": UNIT_INTERVAL, "eta": POSITIVE}
+
     def __init__(self, beta: float = 0.8, eta: float = 1e-3) -> None:
         super().__init__()
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"accel.beta={beta}; expected 0 <= beta < 1")
-        if eta <= 0:
-            raise ValueError(f"accel.eta={eta}; expected > 0")
+        check_all("accel", self.RULES, {"beta": beta, "eta": eta})
         self.beta, self.eta = float(beta), float(eta)
 
     def init_state(self, d: torch.Tensor) -> torch.Tensor:
@@ -55,15 +66,13 @@ class RMA(nn.Module):
     """
 
     CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
+    RULES = {"cell": (lambda v: v in RMA.CELLS, "one of lstm, gru (the convolutional LSTM for images: accel=convlstm)"),
+             "hidden": POSITIVE_INT, "layers": POSITIVE_INT, "forget_bias": (is_number, "a number")}
 
     def __init__(self, x_shape: tuple[int, ...], cell: str = "lstm", hidden: int = 128, layers: int = 1,
                  forget_bias: float = 1.0) -> None:
         super().__init__()
-        if cell not in self.CELLS:
-            raise ValueError(f"accel.cell={cell!r}; expected one of {', '.join(self.CELLS)} "
-                             "(the convolutional LSTM for images: accel=convlstm)")
-        if hidden <= 0 or layers <= 0:
-            raise ValueError(f"accel.hidden={hidden}, accel.layers={layers}; expected positive integers")
+        check_all("accel", self.RULES, {"cell": cell, "hidden": hidden, "layers": layers, "forget_bias": forget_bias})
         n_features = math.prod(x_shape)
         self.cell_type, self.hidden, self.layers = cell, int(hidden), int(layers)
         self.rnn = self.CELLS[cell](n_features, self.hidden, num_layers=self.layers, batch_first=True)

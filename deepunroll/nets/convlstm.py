@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepunroll.validation import POSITIVE_INT, check_all, is_int
+
 
 class ConvLSTMCell(nn.Module):
     """One ConvLSTM layer: [i, f, g, o] = Conv([input, h]); c' = f c + i g; h' = o tanh(c').
@@ -40,6 +42,9 @@ class ConvLSTMAccelerator(nn.Module):
     from the operator when built from config and must be 2D (H, W).
     """
 
+    RULES = {"channels_hidden": POSITIVE_INT, "layers": POSITIVE_INT,
+             "kernel_size": (lambda v: is_int(v) and v > 0 and v % 2 == 1, "an odd positive integer")}
+
     def __init__(
         self,
         channels_hidden: int = 16,
@@ -48,12 +53,7 @@ class ConvLSTMAccelerator(nn.Module):
         x_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
-        if channels_hidden < 1 or layers < 1:
-            raise ValueError(
-                f"accel.channels_hidden={channels_hidden}, accel.layers={layers}; expected positive integers"
-            )
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"accel.kernel_size={kernel_size} must be an odd positive integer")
+        check_all("accel", self.RULES, {"channels_hidden": channels_hidden, "layers": layers, "kernel_size": kernel_size})
         if x_shape is not None and len(x_shape) != 2:
             raise ValueError(
                 f"the convolutional LSTM accelerator needs 2D images (H, W), but the operator's x_shape is "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -15,6 +15,10 @@ from tqdm.auto import tqdm
 
 from deepunroll.train import checkpoint, distributed
 from deepunroll.nets.backprop import solver_stats, warm_starts
+from deepunroll.validation import BOOL, POSITIVE, POSITIVE_INT, ConfigError, check, is_number, one_of
+
+DEVICES = ("auto", "cpu", "cuda")                                  # train.device
+DTYPES = {"float32": torch.float32, "float64": torch.float64}      # train.dtype: the network's precision
 
 
 class NonFiniteLossError(RuntimeError):
@@ -31,7 +35,7 @@ class ExistingRunError(RuntimeError):
 
 @dataclass
 class TrainSettings:
-    """The ``train.*`` config keys used by the loop."""
+    """The ``train.*`` config keys used by the loop; checked on construction (ConfigError naming the key)."""
 
     epochs: int = 50
     batch_size: int = 32
@@ -42,6 +46,31 @@ class TrainSettings:
     on_nonfinite: str = "stop"  # stop | skip
     amp: bool = False  # autocast the network (bfloat16 on CPU, float16 + grad scaling on CUDA); physics stays float64
 
+    RULES = {"epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "lr": POSITIVE, "grad_clip": POSITIVE,
+             "resume": BOOL, "on_nonfinite": one_of("stop", "skip"), "amp": BOOL,
+             "betas": (lambda v: len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v),
+                       "two numbers in [0, 1)")}
+    PIPELINE_KEYS = {"device": one_of(*DEVICES), "dtype": one_of(*DTYPES)}  # train.* read by the pipeline
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            check(f"train.{f.name}", list(value) if f.name == "betas" else value, self.RULES[f.name])
+
+    @classmethod
+    def from_config(cls, train_cfg) -> "TrainSettings":
+        """From the ``train`` mapping: its loop keys checked, device and dtype checked, unknown keys refused."""
+        given = dict(train_cfg)
+        known = {f.name for f in fields(cls)} | set(cls.PIPELINE_KEYS)
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ConfigError(f"train.{unknown[0]}: unknown key; known keys are {sorted(known)}")
+        for key, rule in cls.PIPELINE_KEYS.items():
+            if key in given:
+                check(f"train.{key}", given.pop(key), rule)
+        return cls(**given)
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
@@ -49,8 +78,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"train.device={name!r}; expected auto, cpu or cuda")
+    check("train.device", name, one_of(*DEVICES))
     return torch.device(name)
 
 
