@@ -22,7 +22,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 import deepunroll.studies
-from deepunroll.pipeline import CONFIGS
+from deepunroll.studies.common import profile_names
 from deepunroll.record import report_errors
 from deepunroll.validation import ConfigError
 
@@ -40,11 +40,8 @@ def load_study(cfg: DictConfig):
     if cfg.study not in studies:
         raise ConfigError(f"study={cfg.study!r}: expected one of {', '.join(sorted(studies))}")
     study = importlib.import_module(f"deepunroll.studies.{cfg.study}")
-    if hasattr(study, "PROFILES"):
-        known = sorted(study.PROFILES)
-    else:  # study=rma: configs/reproduce/rma_<profile>.yaml
-        known = sorted(p.stem.removeprefix(f"{cfg.study}_") for p in (CONFIGS / "reproduce").glob(
-            f"{cfg.study}_*.yaml"))
+    # profiles: YAML under configs/reproduce/ (deepunroll.studies.common.load_profile), or in the module
+    known = sorted(study.PROFILES) if hasattr(study, "PROFILES") else profile_names(cfg.study)
     if cfg.profile not in known:
         raise ConfigError(f"profile={cfg.profile!r}: expected one of {', '.join(known)} for study={cfg.study}")
     return study

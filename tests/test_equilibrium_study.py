@@ -8,6 +8,7 @@ import torch
 
 from deepunroll.pipeline import load_checkpoint_config, load_datasets, load_model
 from deepunroll.studies import equilibrium
+from deepunroll.studies.common import load_profile
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,8 @@ def tiny_study(tmp_path_factory):
 
 def test_one_row_per_run_with_depths_and_skipped_steps(tiny_study):
     out, rows = tiny_study
-    assert [(r["model"], r["mode"]) for r in rows] == [(m, k) for m in equilibrium.MODELS for k in equilibrium.MODES]
+    spec = load_profile("equilibrium", "tiny")
+    assert [(r["model"], r["mode"]) for r in rows] == [(m, k) for m in spec["models"] for k in spec["modes"]]
     depth = {(r["model"], r["mode"]): r["trained_depth"] for r in rows}
     assert depth[("pnp", "full_K10")] == 10 and depth[("pnp", "jfb")] == 21 and depth[("pnp", "deq")] == 21
     assert depth[("pnp", "restarted_jfb")] in (21, 42)  # best epoch x (2 restarts x 10 + 1)

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import REPO
 from deepunroll.studies import common, rma
+from deepunroll.studies.common import load_profile
 
 NETWORKS = ["LPGD", "LPGD-RMA"]
 
@@ -68,7 +69,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, monkeypatch, cap
     train.resume=true, trains only epoch 2, and ends exactly where an uninterrupted run ends."""
     from deepunroll.train import checkpoint
 
-    profile = rma.load_profile("tiny")["sweeps"]["toy"]
+    profile = load_profile("rma", "tiny")["sweeps"]["toy"]
     overrides, run_dir, info = rma.plan("toy", profile, tmp_path, tmp_path / "runs")[0]
     _, reference_dir, _ = rma.plan("toy", profile, tmp_path, tmp_path / "reference")[0]
     reference = common.run_one(overrides, reference_dir, info)
@@ -109,5 +110,14 @@ def test_paired_statistics():
 
 
 def test_unknown_profile_is_named():
-    with pytest.raises(ValueError, match="profile='huge'"):
-        rma.load_profile("huge")
+    with pytest.raises(ValueError, match="profile='huge': expected one of converged, paper, quick, tiny for study=rma"):
+        load_profile("rma", "huge")
+
+
+def test_profiles_of_a_single_file_study_merge_the_shared_keys():
+    """configs/reproduce/equilibrium.yaml: models and modes shared, seeds and overrides per profile."""
+    quick = load_profile("equilibrium", "quick")
+    assert set(quick) == {"models", "modes", "seeds", "overrides"} and quick["seeds"] == [0, 1, 2]
+    assert common.profile_names("physics_use") == ["blur2d", "probe", "probe_lpd", "published", "tiny", "toy"]
+    with pytest.raises(ValueError, match=r"^profile='nope': expected one of paper, quick, tiny for study=equilibrium$"):
+        load_profile("equilibrium", "nope")

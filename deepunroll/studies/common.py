@@ -1,4 +1,8 @@
-"""Sweep machinery shared by the studies: run one config unless done, collect rows, paired statistics, tables.
+"""Sweep machinery shared by the studies: profiles, run one config unless done, collect rows, paired statistics,
+tables.
+
+A study's profiles are YAML under the packaged configs: ``reproduce/<study>.yaml`` (shared keys and a
+``profiles`` mapping) or one ``reproduce/<study>_<profile>.yaml`` per profile (the RMA study's sweeps).
 
 A run lives in its own folder; it is *done* when ``result.json`` is there, so a sweep resumes by
 skipping done runs (and continues an interrupted training from ``checkpoints/last.pt``). A run being
@@ -12,6 +16,32 @@ import math
 import os
 import time
 from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from deepunroll.pipeline import CONFIGS
+
+PROFILES_DIR = CONFIGS / "reproduce"
+
+
+def profile_names(study: str) -> list[str]:
+    """The profiles of ``study`` found in the packaged configs ([] when it keeps them in code)."""
+    single = PROFILES_DIR / f"{study}.yaml"
+    if single.exists():
+        return sorted(OmegaConf.load(single).profiles)
+    return sorted(p.stem.removeprefix(f"{study}_") for p in PROFILES_DIR.glob(f"{study}_*.yaml"))
+
+
+def load_profile(study: str, profile: str) -> dict:
+    """A profile as plain data: the study file's shared keys with the profile's own on top."""
+    known = profile_names(study)
+    if profile not in known:
+        raise ValueError(f"profile={profile!r}: expected one of {', '.join(known)} for study={study}")
+    single = PROFILES_DIR / f"{study}.yaml"
+    if single.exists():
+        spec = OmegaConf.to_container(OmegaConf.load(single), resolve=True)
+        return {k: v for k, v in spec.items() if k != "profiles"} | spec["profiles"][profile]
+    return OmegaConf.to_container(OmegaConf.load(PROFILES_DIR / f"{study}_{profile}.yaml"), resolve=True)
 
 
 RESULT = "result.json"

@@ -9,6 +9,7 @@ sample reached, and iterated to its fixed point. Writes results/equilibrium.csv 
 results/equilibrium.md (mean +- std over seeds) and figures/equilibrium_step_size.png.
 
     python scripts/reproduce.py study=equilibrium [profile=quick|paper] [workers=2]
+    (models, backprop modes and profiles: configs/reproduce/equilibrium.yaml)
 """
 
 from __future__ import annotations
@@ -21,30 +22,11 @@ import torch
 
 from deepunroll import metrics
 from deepunroll.pipeline import compose_config
-from deepunroll.studies.common import RESULT, load_best, run_one
+from deepunroll.studies.common import RESULT, load_best, load_profile, run_one
 from deepunroll.tables import write_csv
 from deepunroll.train import checkpoint
 from deepunroll.train.memory import count_saved_bytes
 
-MODELS = {"pnp": ["+experiment=toy_pnp", "net.spectral_norm=0.5"], "lpgd_tied": ["+experiment=toy_lpgd_tied"]}
-# (label, overrides): depth K of `full`, forward budget of jfb / deq, restart block of restarted_jfb
-MODES = {
-    "full_K10": ["net.backprop=full", "net.n_iter=10"],
-    "full_K20": ["net.backprop=full", "net.n_iter=20"],
-    "jfb": ["net.backprop=jfb", "net.n_iter=20", "net.fixed_point.m=1"],
-    "restarted_jfb": ["net.backprop=restarted_jfb", "net.n_iter=10", "net.fixed_point.restarts=2",
-                      "net.fixed_point.m=1", "net.fixed_point.warm_start=true"],
-    "deq": ["net.backprop=deq", "net.n_iter=20", "net.fixed_point.backward_max_iter=50",
-            "net.fixed_point.backward_tol=1e-6"],
-}
-PROFILES = {
-    "tiny": {"seeds": [0], "overrides": ["data.splits.train=64", "data.splits.val=16", "data.splits.test=32",
-                                         "train.epochs=2", "train.batch_size=16"]},  # the test of this study
-    "quick": {"seeds": [0, 1, 2], "overrides": ["data.splits.train=1024", "data.splits.val=128", "data.splits.test=256",
-                                                 "train.epochs=6", "train.batch_size=32"]},
-    "paper": {"seeds": [0, 1, 2, 3, 4], "overrides": ["data.splits.train=4000", "data.splits.val=500",
-                                                       "data.splits.test=500", "train.epochs=30", "train.batch_size=32"]},
-}
 COLUMNS = ["model", "mode", "seed", "test_mse", "test_psnr", "trained_depth", "mse_trained_depth",
            "psnr_trained_depth", "fp_iterations", "fp_residual", "mse_fixed_point", "psnr_fixed_point",
            "train_seconds", "saved_bytes", "final_step_size", "final_lipschitz", "skipped_steps", "train_steps",
@@ -127,14 +109,14 @@ def _mean_std(values: list) -> str:
     return text + (f" ({len(finite)} of {len(given)})" if len(finite) < len(given) else "")
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown: per (model, mode), mean ± std over seeds of the test MSE three ways, and the diagnostics."""
+def table(rows: list[dict], spec: dict) -> str:
+    """Markdown: per (model, mode) of ``spec``, mean ± std over seeds of the test MSE three ways, and the diagnostics."""
     lines = ["| model | mode | test MSE, as trained | trained depth | test MSE at trained depth | "
              f"test MSE at fixed point | iterations to tol {FP_TOL:g} | skipped steps | train time (s) | "
              "saved MiB | step size | Lipschitz |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for model in MODELS:
-        for mode in MODES:
+    for model in spec["models"]:
+        for mode in spec["modes"]:
             rs = [r for r in rows if r["model"] == model and r["mode"] == mode]
             if not rs:
                 continue
@@ -170,7 +152,7 @@ def plot_step_size(histories: dict, path: Path, initial: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for i, mode in enumerate(MODES):
+    for i, mode in enumerate(histories):
         for j, history in enumerate(histories.get(mode, [])):
             epochs = [0] + [h["epoch"] for h in history]
             steps = [initial] + [h["step_size"] for h in history]
@@ -191,16 +173,15 @@ def run(profile: str = "quick", out_dir: str | Path = ".", runs_dir: str | Path 
     process and done when its result.json exists, so the command resumes after an interruption and can be
     started twice (``workers=2``). ``report_only``: train nothing, tabulate the finished runs.
     """
-    if profile not in PROFILES:
-        raise ValueError(f"profile={profile!r}; expected one of {sorted(PROFILES)}")
+    spec = load_profile("equilibrium", profile)
     out_dir = Path(out_dir)
     runs_dir = (Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce") / f"equilibrium_{profile}"
     rows, pnp_histories, pending = [], {}, 0
-    for seed in PROFILES[profile]["seeds"]:
-        for model in MODELS:
-            for mode in MODES:
+    for seed in spec["seeds"]:
+        for model in spec["models"]:
+            for mode in spec["modes"]:
                 run_dir = runs_dir / f"{model}_{mode}_s{seed}"
-                overrides = MODELS[model] + MODES[mode] + PROFILES[profile]["overrides"] + [
+                overrides = spec["models"][model] + spec["modes"][mode] + spec["overrides"] + [
                     f"seed={seed}", "train.device=cpu", "train.on_nonfinite=skip", f"name=equilibrium_{model}_{mode}",
                     "evaluate=false", f"data.root={out_dir / 'data'}"]
                 done = run_dir / RESULT
@@ -225,9 +206,9 @@ def run(profile: str = "quick", out_dir: str | Path = ".", runs_dir: str | Path 
         return rows
     write_csv(rows, out_dir / "results" / "equilibrium.csv", COLUMNS)
     md = (f"# Restarted JFB vs DEQ on the toy problem ({profile} profile, "
-          f"{len(PROFILES[profile]['seeds'])} seeds, mean ± std)\n\n{table(rows)}\n\n{DESCRIPTION}\n")
+          f"{len(spec['seeds'])} seeds, mean ± std)\n\n{table(rows, spec)}\n\n{DESCRIPTION}\n")
     (out_dir / "results" / "equilibrium.md").write_text(md)
-    initial = float(compose_config(MODELS["pnp"]).net.step.step_size)
+    initial = float(compose_config(spec["models"]["pnp"]).net.step.step_size)
     plot_step_size(pnp_histories, out_dir / "figures" / "equilibrium_step_size.png", initial)
     print(md)
     return rows

@@ -1,10 +1,6 @@
 """Does a network use the measurements? LPGD-RMA trained with each ``net.direction``, then ablated.
 
-    python scripts/reproduce.py study=physics_use profile=probe       # EIT coarse mesh, all signals (~15 min)
-    python scripts/reproduce.py study=physics_use profile=published   # EIT h0=0.1, 20 iterations (hours)
-    python scripts/reproduce.py study=physics_use profile=probe_lpd   # LPD-RMA, coarse mesh (~25 min)
-    python scripts/reproduce.py study=physics_use profile=toy         # the 1D toy problem, 3 seeds (~5 min)
-    python scripts/reproduce.py study=physics_use profile=blur2d      # the 2D Volterra blur (~15 min)
+    python scripts/reproduce.py study=physics_use profile=probe   # profiles: configs/reproduce/physics_use.yaml
 
 For every run: test MSE and PSNR of the initial guess x0 (EIT: Gauss-Newton) and the network, and the network's test MSE with
 the data term removed (zero directions) and with another sample's measurements (same x0), as ratios
@@ -18,72 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deepunroll.studies.common import (format_mean_std, markdown_table, paired, run_ablation, run_one, slug,
-                                       val_curve)
+from deepunroll.studies.common import (format_mean_std, load_profile, markdown_table, paired, run_ablation, run_one,
+                                       slug, val_curve)
 from deepunroll.tables import write_csv
 
-COARSE = ["operator.h0=0.15", "net.n_iter=5", "data.n_train=400", "train.epochs=10"]
-PUBLISHED = ["operator.h0=0.1", "net.n_iter=20", "data.n_train=400", "train.epochs=20"]
-GN = ["net.direction=gauss_newton"]
-
-PROFILES = {
-    "probe": {  # the signals side by side on a coarse mesh, one seed
-        "experiment": "eit_lpgd_rma",
-        "base": COARSE,
-        "variants": {
-            "raw (published)": ["net.direction=raw"],
-            "scaled": ["net.direction=scaled"],
-            "scaled, normalised": ["net.direction=scaled", "net.direction_normalize=true"],
-            "gauss_newton 0.1": GN + ["net.direction_damping=0.1"],
-            "gauss_newton 0.01": GN + ["net.direction_damping=0.01"],
-            "gauss_newton 0.001": GN + ["net.direction_damping=0.001"],
-            "gauss_newton 0.001, normalised": GN + ["net.direction_damping=0.001", "net.direction_normalize=true"],
-        },
-        "noise": [0.0],
-        "seeds": [0],
-    },
-    "tiny": {  # tests: a coarse 8-electrode mesh, two epochs
-        "experiment": "eit_lpgd_rma",
-        "base": ["operator.h0=0.3", "operator.n_electrodes=8", "data.splits.train=24", "data.splits.val=8",
-                 "data.splits.test=8", "data.n_train=24", "train.batch_size=8", "net.n_iter=2", "train.epochs=2"],
-        "variants": {"raw (published)": ["net.direction=raw"], "gauss_newton 0.001": GN + ["net.direction_damping=0.001"]},
-        "noise": [0.0],
-        "seeds": [0],
-    },
-    "published": {  # the published EIT setup (h0=0.1, 686 elements, 2 inclusions, n_train 400, 20 iterations)
-        "experiment": "eit_lpgd_rma",
-        "base": PUBLISHED,
-        "variants": {
-            "raw (published)": ["net.direction=raw"],
-            "gauss_newton 0.001": GN + ["net.direction_damping=0.001"],
-        },
-        "noise": [0.0, 0.01],
-        "seeds": [0, 1, 2],
-    },
-}
-PROFILES["probe_lpd"] = {  # LPD-RMA on the probe's coarse mesh
-    "experiment": "eit_lpd_rma",
-    "base": COARSE,
-    "variants": {"raw (published)": ["net.direction=raw"], "scaled": ["net.direction=scaled"],
-                 "gauss_newton 0.01": GN + ["net.direction_damping=0.01"]},
-    "noise": [0.0],
-    "seeds": [0],
-}
-PROFILES["toy"] = {  # published toy problem, smoke size (1,000 signals, 6 epochs), 20 iterations
-    "experiment": "toy_lpgd_rma",
-    "base": ["train=smoke"],
-    "variants": {"raw (published)": ["net.direction=raw"], "scaled": ["net.direction=scaled"],
-                 "gauss_newton 0.001": GN + ["net.direction_damping=0.001"]},
-    "noise": [0.0],
-    "seeds": [0, 1, 2],
-}
-PROFILES["blur2d"] = {  # 2D Volterra blur, smoke size, 3 iterations (J is 1024 x 1024: no gauss_newton)
-    "experiment": "blur2d_lpgd_rma",
-    "base": ["train=smoke", "net.n_iter=3"],
-    "variants": {"raw (published)": ["net.direction=raw"], "scaled": ["net.direction=scaled"]},
-    "noise": [0.01],
-    "seeds": [0],
-}
 COLUMNS = ["variant", "noise", "seed", "gn_mse", "net_mse", "gn_psnr", "net_psnr", "psnr_gain_db",
            "no_data_term_ratio", "other_y_ratio", "epochs", "train_seconds", "git_commit"]
 
@@ -99,7 +33,7 @@ def _row(variant: str, noise: float, seed: int, result: dict, ablation: dict) ->
 
 
 def run(profile: str, out_dir: Path, runs_dir: Path | None = None, report_only: bool = False) -> list[dict]:
-    spec = PROFILES[profile]
+    spec = load_profile("physics_use", profile)
     runs_dir = Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce"
     rows, curves = [], {}
     for seed in spec["seeds"]:  # seed outermost: a partial sweep holds complete paired comparisons
@@ -185,7 +119,7 @@ def _plot(path: Path, curves: dict, profile: str) -> None:
                     linestyle="-" if noise == 0 else "--")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation MSE")
-    ax.set_title(f"{PROFILES[profile]['experiment']} by data-fit signal ({profile})")
+    ax.set_title(f"{load_profile('physics_use', profile)['experiment']} by data-fit signal ({profile})")
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -18,11 +18,8 @@ import os
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from deepunroll.pipeline import CONFIGS
-from deepunroll.studies.common import (RESULT, format_value, markdown_table, metric_names, paired, run_ablation,
-                                       run_one, seed_table, slug)
+from deepunroll.studies.common import (RESULT, format_value, load_profile, markdown_table, metric_names, paired,
+                                       run_ablation, run_one, seed_table, slug)
 from deepunroll.tables import write_csv
 
 # (better, base) pairs of the claims; gains are per seed, positive when `better` is better
@@ -35,14 +32,6 @@ CLAIM_PAIRS = {
 }
 # metric of the paired comparisons per sweep: (name, +1 if higher is better else -1)
 CLAIM_METRIC = {"toy": ("psnr", +1), "eit": ("rel_err", -1), "eit_domain": ("rel_err", -1)}
-
-
-def load_profile(profile: str) -> dict:
-    path = CONFIGS / "reproduce" / f"rma_{profile}.yaml"
-    if not path.exists():
-        known = sorted(p.stem.removeprefix("rma_") for p in path.parent.glob("rma_*.yaml"))
-        raise ValueError(f"profile={profile!r}: no {path}; expected one of {known}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
 def column(key: str) -> str:
@@ -193,7 +182,7 @@ def run(profile: str = "quick", out_dir: str | Path = ".", runs_dir: str | Path 
     """
     from deepunroll.studies.rma_figures import make_figures
 
-    spec_all = load_profile(profile)
+    spec_all = load_profile("rma", profile)
     out_dir = Path(out_dir).resolve()
     runs_dir = Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce"
     runs_dir = runs_dir / profile
