@@ -47,3 +47,9 @@ def rel(a, b):
     """Relative error ||a - b|| / ||b|| of array-likes."""
     a, b = np.asarray(a), np.asarray(b)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def run_tiny(tmp_path_factory, study):
+    """Run a study module (deepunroll.studies.*) at profile ``tiny`` into a fresh folder: (folder, what run returns)."""
+    out = tmp_path_factory.mktemp(study.__name__.rsplit(".", 1)[-1])
+    return out, study.run("tiny", out)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from conftest import run_tiny
 from deepunroll.pipeline import load_checkpoint_config, load_datasets, load_model
 from deepunroll.studies import equilibrium
 from deepunroll.studies.common import load_profile
@@ -13,8 +14,7 @@ from deepunroll.studies.common import load_profile
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
-    out = tmp_path_factory.mktemp("equilibrium")
-    return out, equilibrium.run("tiny", out)
+    return run_tiny(tmp_path_factory, equilibrium)
 
 
 def test_one_row_per_run_with_depths_and_skipped_steps(tiny_study):

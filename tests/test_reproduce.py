@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_tiny
 from deepunroll.studies import common, rma
 from deepunroll.studies.common import load_profile
 
@@ -16,8 +16,7 @@ NETWORKS = ["LPGD", "LPGD-RMA"]
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reproduce")
-    return out, rma.run("tiny", out)
+    return run_tiny(tmp_path_factory, rma)
 
 
 def test_csv_has_one_row_per_run_with_commit_and_config(tiny_run):
