@@ -17,7 +17,7 @@ def _csv(path):
 
 
 def test_tiny_profile_writes_tables_and_figure(tmp_path):
-    study.run("tiny", tmp_path)
+    tv_out = study.run("tiny", tmp_path)
     out = argmin_eit.run("tiny", tmp_path)
 
     tv = _csv(tmp_path / "results" / "argmin_tv.csv")
@@ -43,6 +43,10 @@ def test_tiny_profile_writes_tables_and_figure(tmp_path):
     assert "| lagrangian |" in (tmp_path / "results" / "argmin_eit.md").read_text()
     assert "| implicit |" in (tmp_path / "results" / "argmin_tv.md").read_text()
     assert out["figure"].exists() and out["figure"].stat().st_size > 1000
+    # every seed / mode is a resumable unit of the common runner: report_only reads them back, trains nothing
+    assert argmin_eit.run("tiny", tmp_path, report_only=True)["eit"] == out["eit"]
+    assert study.run("tiny", tmp_path, report_only=True)["tv"] == tv_out["tv"]
+    assert (tmp_path / "runs" / "reproduce" / "argmin_eit_tiny" / "seed=0" / "reconstructions.pt").exists()
 
 
 def test_element_neighbours_share_an_edge():

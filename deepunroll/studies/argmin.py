@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from deepunroll.optim.descent import GradientDescent
 from deepunroll.nets.energies import HuberTVEnergy
 from deepunroll.operators.blur import VolterraBlur2d
 from deepunroll.operators.toy import NonlinearConv1d
-from deepunroll.studies.common import format_mean_std
+from deepunroll.studies.common import format_mean_std, run_claimed
 from deepunroll.tables import write_csv
 from deepunroll.train.checkpoint import seed_everything
 from deepunroll.train.memory import count_saved_bytes
@@ -198,24 +199,38 @@ def _write(rows: list[dict], columns: list[str], md: str, stem: Path) -> None:
     stem.with_suffix(".md").write_text(md)
 
 
-def run(profile: str = "quick", out_dir: str | Path = ".") -> dict:
-    """Run the Huber-TV experiment; writes out_dir/results/argmin_tv.{csv,md} (EIT: study argmin_eit)."""
+def run(profile: str = "quick", out_dir: str | Path = ".", runs_dir: str | Path | None = None,
+        report_only: bool = False) -> dict:
+    """Run (or resume) the Huber-TV experiment; writes out_dir/results/argmin_tv.{csv,md} (EIT: study argmin_eit).
+
+    One (problem, backward mode, seed) is one resumable unit (:func:`deepunroll.studies.common.run_claimed`)
+    in ``runs_dir/argmin_<profile>/`` (default out_dir/runs/reproduce); its row is its result.json.
+    """
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r}; expected one of {sorted(PROFILES)}")
     out_dir = Path(out_dir)
+    runs_dir = (Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce") / f"argmin_{profile}"
     tv_cfg = PROFILES[profile]["tv"]
 
-    tv_rows = []
+    tv_rows, pending = [], 0
     for problem in tv_cfg["problems"]:
         n_train = max(tv_cfg["steps"] * tv_cfg["batch"], 64) if profile != "tiny" else 16
-        data = tv_problem(problem, n_train, tv_cfg["n_test"], tv_cfg["image_size"])
+        data = functools.cache(lambda: tv_problem(problem, n_train, tv_cfg["n_test"], tv_cfg["image_size"]))
         for seed in tv_cfg["seeds"]:
             for mode in TV_MODES:
-                row = tv_run(problem, mode, seed, tv_cfg, data)
+                row = run_claimed(runs_dir / f"{problem}_{mode}_seed={seed}",
+                                  lambda: tv_run(problem, mode, seed, tv_cfg, data()), report_only)
+                if row is None:
+                    pending += 1
+                    continue
                 tv_rows.append(row)
                 print(f"[tv] {problem} {mode} seed {seed}: PSNR {row['test_psnr']:.2f} dB (init "
                       f"{row['initial_psnr']:.2f}), {row['train_seconds']:.1f} s, {row['saved_bytes']:,} B, "
                       f"cos {row['grad_cos_vs_implicit']:.6f}", flush=True)
+    if pending:
+        print(f"{pending} runs not finished (in other processes, or report_only)")
+    if not tv_rows:
+        return {"tv": []}
     settings = (f"loss sum_i log(mse_i / max(range(x_i), 0.1)^2) (minus the PSNR), {tv_cfg['steps']} Adam steps "
                 f"(lr {TV['lr']}), batch {tv_cfg['batch']}, forward FISTA "
                 f"<= {tv_cfg['n_iter']} iterations (tol {TV['tol']}), delta {TV['delta']}, ridge {TV['ridge']}, "

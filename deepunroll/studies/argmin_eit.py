@@ -2,7 +2,11 @@
 ``straight_through`` backward, against post-hoc labelling of the plain network (the argmin-layer study's
 EIT part; its Huber-TV part is deepunroll/studies/argmin.py).
 
-    python scripts/reproduce.py study=argmin_eit [profile=tiny|quick|quick_gn]   (quick: raw input, quick_gn: GN)
+    python scripts/reproduce.py study=argmin_eit [profile=tiny|quick|quick_gn] [workers=2]   (quick: raw input, quick_gn: GN)
+
+Each seed is a resumable unit of the common runner (claimed, result.json); the training itself is the
+short Adam loop below, not the Trainer: the study fine-tunes three branches of one pre-trained network in
+the same process, two of them wrapped with an argmin layer, on a summed squared error.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from deepunroll import metrics
 from deepunroll.nets.argmin import ArgminLayer
 from deepunroll.optim.descent import ICM
 from deepunroll.nets.energies import LabelEnergy
-from deepunroll.studies.common import format_mean_std
+from deepunroll.studies.common import format_mean_std, run_claimed
 from deepunroll.tables import write_csv
 from deepunroll.train.checkpoint import seed_everything
 
@@ -162,21 +166,44 @@ def eit_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(profile: str = "quick", out_dir: str | Path = ".") -> dict:
-    """Run every seed; writes out_dir/results/<stem>.{csv,md} and out_dir/figures/<stem>.png (stem: profile's)."""
+def run(profile: str = "quick", out_dir: str | Path = ".", runs_dir: str | Path | None = None,
+        report_only: bool = False) -> dict:
+    """Run (or resume) every seed; writes out_dir/results/<stem>.{csv,md} and out_dir/figures/<stem>.png.
+
+    One seed is one resumable unit (:func:`deepunroll.studies.common.run_claimed`) in
+    ``runs_dir/argmin_eit_<profile>/seed=<s>/`` (default out_dir/runs/reproduce): its rows in result.json,
+    its test reconstructions in reconstructions.pt (the figure shows the first seed's).
+    """
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r}; expected one of {sorted(PROFILES)}")
     out_dir = Path(out_dir)
+    runs_dir = (Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce") / f"argmin_eit_{profile}"
     cfg = PROFILES[profile]
-    eit_rows, figure_data = [], None
+    eit_rows, figure_data, pending = [], None, 0
     for seed in cfg["seeds"]:
-        rows, outputs, geometry = eit_seed(seed, cfg, out_dir)
-        eit_rows += rows
-        for r in rows:
+        run_dir = runs_dir / f"seed={seed}"
+
+        def work() -> dict:
+            rows, outputs, (x_test, nodes, elements) = eit_seed(seed, cfg, out_dir)
+            torch.save({"outputs": outputs, "x_test": x_test, "nodes": nodes, "elements": elements},
+                       run_dir / "reconstructions.pt")
+            return {"rows": rows}
+
+        result = run_claimed(run_dir, work, report_only)
+        if result is None:
+            pending += 1
+            continue
+        eit_rows += result["rows"]
+        for r in result["rows"]:
             print(f"[eit] seed {seed} {r['method']}: rel err {r['rel_err']:.4f}, label acc {r['label_acc']:.4f}",
                   flush=True)
         if figure_data is None:
-            figure_data = (outputs, geometry)
+            saved = torch.load(run_dir / "reconstructions.pt", weights_only=True)
+            figure_data = (saved["outputs"], (saved["x_test"], saved["nodes"], saved["elements"]))
+    if pending:
+        print(f"{pending} seeds not finished (in other processes, or report_only)")
+    if not eit_rows:
+        return {"eit": [], "figure": None}
     settings = (f"h0 {cfg['h0']}, noise {cfg['noise']}, {cfg['n_train']} training / "
                 f"{cfg['n_test']} test phantoms, LPGD-RMA "
                 f"with {cfg['n_iter']} iterations pre-trained {cfg['pre_epochs']} epochs, then "

@@ -16,6 +16,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import OmegaConf
 
@@ -74,8 +75,29 @@ def _claim(run_dir: Path) -> bool:
     return True
 
 
+def run_claimed(run_dir: Path, work: Callable[[], dict], report_only: bool = False) -> dict | None:
+    """The one resumable unit of every study: ``work()`` run once into ``run_dir``, its result in result.json.
+
+    Returns the stored result when the run is done; None when another live process holds the run (or
+    ``report_only`` and it is not done). ``work`` may write files into run_dir and returns plain data.
+    """
+    done = run_dir / RESULT
+    if done.exists():
+        return json.loads(done.read_text())
+    if report_only or not _claim(run_dir):
+        return None
+    try:
+        result = work()
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.replace(done)
+        return result
+    finally:
+        (run_dir / "claim.pid").unlink(missing_ok=True)
+
+
 def run_one(overrides: list[str], run_dir: Path, info: dict) -> dict | None:
-    """Train + evaluate one config into run_dir and write result.json; the stored result if already done.
+    """Train + evaluate one config into run_dir (:func:`run_claimed`); the stored result if already done.
 
     Returns None when another live process is training this run. ``info`` (sweep, network, axis
     values) is stored with the result.
@@ -84,27 +106,18 @@ def run_one(overrides: list[str], run_dir: Path, info: dict) -> dict | None:
     from deepunroll.pipeline import compose_config, train
     from deepunroll.record import git_commit, config_dict
 
-    done = run_dir / RESULT
-    if done.exists():
-        return json.loads(done.read_text())
-    if not _claim(run_dir):
-        return None
-    try:
+    def work() -> dict:
         resume = (run_dir / "checkpoints" / "last.pt").exists()
         cfg = compose_config(overrides + [f"train.resume={str(resume).lower()}"])
         start = time.perf_counter()
         trained = train(cfg, run_dir)
         seconds = time.perf_counter() - start
         rows = evaluate([trained["best"]], device="cpu")[0]
-        result = dict(info, overrides=overrides, baseline=rows[0], scores=rows[1], n_params=trained["n_params"],
-                      epochs=len(trained["history"]), train_seconds=seconds, resumed=resume,
-                      git_commit=git_commit(), config=config_dict(cfg))
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        tmp.replace(done)
-        return result
-    finally:
-        (run_dir / "claim.pid").unlink(missing_ok=True)
+        return dict(info, overrides=overrides, baseline=rows[0], scores=rows[1], n_params=trained["n_params"],
+                    epochs=len(trained["history"]), train_seconds=seconds, resumed=resume,
+                    git_commit=git_commit(), config=config_dict(cfg))
+
+    return run_claimed(run_dir, work)
 
 
 def load_best(run_dir: Path):
