@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from deepunroll.nets.accel import check_accel
 from deepunroll.nets.backprop import make_backprop
 from deepunroll.train.trainer import TrainSettings
-from deepunroll.validation import (BOOL, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
-                                   ConfigError, is_int, is_number, one_of)
+from deepunroll.validation import (BOOL, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, ConfigError, check_target,
+                                   is_int, is_number)
 
 # key -> (predicate, what is allowed); keys absent from a problem's config are skipped
 RULES = {
@@ -22,17 +21,11 @@ RULES = {
     "net.n_iter": POSITIVE_INT,
     "net.grad_through_operator": BOOL,
     "net.spectral_norm": (lambda v: v is None or (is_number(v) and v > 0), "null (off) or a number > 0"),
-    "net.step.step_size": POSITIVE,
-    "net.step.max_step": POSITIVE,
-    "net.step.reg_level": POSITIVE,
     "data.splits.train": POSITIVE_INT,
     "data.splits.val": POSITIVE_INT,
     "data.splits.test": POSITIVE_INT,
     "data.noise": NON_NEGATIVE,
     "data.seed": NON_NEGATIVE_INT,
-    "operator.a": (lambda v: is_number(v), "a number"),
-    "operator.h0": POSITIVE,
-    "operator.meas_fraction": FRACTION,
 }
 
 
@@ -46,8 +39,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r}: expected {allowed}")
     if "train" in cfg:  # the loop's settings check themselves
         TrainSettings.from_config(OmegaConf.to_container(cfg.train))
-    if "accel" in cfg:  # so do the accelerators (their keys depend on the class)
-        check_accel(cfg.accel)
+    for node in ("operator", "data.generator", "x0", "net.step", "accel"):  # objects check their own settings
+        check_target(node, OmegaConf.select(cfg, node))
     mode = OmegaConf.select(cfg, "net.backprop")
     if mode is not None:  # the backprop strategy checks its mode and net.fixed_point.* itself
         fixed_point = OmegaConf.select(cfg, "net.fixed_point")

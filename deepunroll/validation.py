@@ -45,3 +45,23 @@ def check_all(prefix: str, rules: dict, values: dict) -> None:
     for name, value in values.items():
         if name in rules:
             check(f"{prefix}.{name}", value, rules[name])
+
+
+def check_target(prefix: str, node) -> None:
+    """Check a ``_target_`` config node before it is built: every key must be an argument of the class (a
+    key appended with ``+`` that nothing reads is an error), and the class's ``RULES`` ({argument: rule})
+    must hold. The class's constructor applies the same RULES, so direct construction is checked alike."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    if node is None or "_target_" not in node:
+        return
+    target = get_object(node["_target_"])
+    params = inspect.signature(target).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(k for k in node if k != "_target_" and k not in params)
+        if unknown:
+            raise ConfigError(f"{prefix}.{unknown[0]}: not an argument of {node['_target_']}; its arguments are "
+                              f"{', '.join(p for p in params if p not in ('self', 'x_shape', 'y_shape', 'n_iter'))}")
+    check_all(prefix, getattr(target, "RULES", {}), {k: v for k, v in node.items() if k != "_target_"})

@@ -26,12 +26,21 @@ from deepunroll.train.trainer import ExistingRunError, NonFiniteLossError
         ("train.device=gpu", r"train.device='gpu': expected one of auto, cpu, cuda"),
         ("+train.epoch=3", r"train.epoch: unknown key"),
         ("train.betas=[0.9,1.5]", r"train.betas=\[0.9, 1.5\]: expected two numbers in \[0, 1\)"),
-        ("+operator.h0=0", r"operator.h0=0: expected a number > 0"),
+        ("+operator.h0=0", r"^operator.h0: not an argument of deepunroll.operators.toy.NonlinearConv1d; its arguments "
+                           r"are signal_length, window, stride, a, seed, dtype$"),
+        ("operator=eit", None),
+        ("+experiment=eit_lpgd operator.h0=0", r"^operator.h0=0: expected a number in \(0, 0.5\] \(mesh size in disk "
+                                               r"radii\)$"),
+        ("+experiment=toy_pnp net.step.reg_level=0", r"^net.step.reg_level=0: expected a number > 0$"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
+    cfg = compose_config(override.split())
+    if message is None:  # a good config passes
+        validate(cfg)
+        return
     with pytest.raises(ConfigError, match=message):
-        validate(compose_config([override]))
+        validate(cfg)
 
 
 def test_accel_options_are_checked():

@@ -3,7 +3,7 @@
 Interface: ``init_state(d) -> state`` (zero state for a batch shaped like d) and
 ``forward(d, state) -> (v, state)``; one module is shared by all iterations. A class's ``RULES``
 ({argument: rule}, :mod:`deepunroll.validation`) are its ``accel.*`` checks: the constructor applies them,
-and :func:`check_accel` applies them to a config before anything is built.
+and :func:`deepunroll.validation.check_target` applies them to a config before anything is built.
 Sign convention (as in Zhou et al., Inverse Problems 2024): d_k = J(x_k)^T (F(x_k) - y).
 """
 
@@ -12,17 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
-from hydra.utils import get_object
 from torch import nn
 
 from deepunroll.validation import POSITIVE, POSITIVE_INT, UNIT_INTERVAL, check_all, is_number
-
-
-def check_accel(accel_cfg) -> None:
-    """ConfigError naming the ``accel.*`` key whose value the configured class's ``RULES`` refuse."""
-    target = accel_cfg.get("_target_")
-    rules = getattr(get_object(target), "RULES", {}) if target else {}
-    check_all("accel", rules, {k: v for k, v in accel_cfg.items() if k != "_target_"})
 
 
 class NoAcceleration(nn.Module):

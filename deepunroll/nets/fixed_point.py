@@ -16,6 +16,7 @@ from torch import nn
 
 from deepunroll.nets.blocks import conv_block
 from deepunroll.nets.data_term import DataTerm
+from deepunroll.validation import POSITIVE, POSITIVE_INT, check_all
 
 
 def _logit(p: float) -> float:
@@ -29,9 +30,12 @@ def _softplus_inverse(v: float) -> float:
 class _BoundedStep(nn.Module):
     """The learned step size gamma = max_step * sigmoid(theta) in (0, max_step)."""
 
+    RULES = {"step_size": POSITIVE, "max_step": POSITIVE, "reg_level": POSITIVE}
+
     def __init__(self, step_size: float, max_step: float) -> None:
         super().__init__()
-        if not 0 < step_size < max_step:
+        check_all("net.step", self.RULES, {"step_size": step_size, "max_step": max_step})
+        if not step_size < max_step:
             raise ValueError(f"net.step.step_size={step_size}; expected 0 < step_size < max_step={max_step}")
         self.max_step = float(max_step)
         self.step_logit = nn.Parameter(torch.tensor(_logit(step_size / max_step)))
@@ -62,8 +66,7 @@ class PnPStep(_BoundedStep):
     def __init__(self, x_shape: tuple[int, ...], hidden: int = 16, n_conv: int = 3, step_size: float = 0.5,
                  max_step: float = 2.0, reg_level: float = 0.1) -> None:
         super().__init__(step_size, max_step)
-        if reg_level <= 0:
-            raise ValueError(f"net.step.reg_level={reg_level}; expected > 0")
+        check_all("net.step", self.RULES, {"reg_level": reg_level})
         self.sigma_raw = nn.Parameter(torch.tensor(_softplus_inverse(reg_level)))
         self.denoiser = conv_block(2, 1, hidden, n_conv, len(x_shape))
 
@@ -91,12 +94,12 @@ class WeightedNormStep(_BoundedStep):
     """
 
     weight_tied = True
+    RULES = _BoundedStep.RULES | {"n_filters": POSITIVE_INT}
 
     def __init__(self, x_shape: tuple[int, ...], n_filters: int = 4, step_size: float = 0.5, max_step: float = 2.0,
                  reg_level: float = 0.1) -> None:
         super().__init__(step_size, max_step)
-        if reg_level <= 0 or n_filters <= 0:
-            raise ValueError(f"net.step.reg_level={reg_level}, n_filters={n_filters}; expected > 0")
+        check_all("net.step", self.RULES, {"reg_level": reg_level, "n_filters": n_filters})
         self.dim = len(x_shape)
         if self.dim not in (1, 2):
             raise ValueError(f"WeightedNormStep: x_shape={x_shape}; expected 1D signals / element vectors or 2D images")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from deepunroll.operators.base import ForwardOperator
+from deepunroll.validation import NON_NEGATIVE_INT, POSITIVE_INT, check_all, is_number
 
 
 def draw_kernels(window: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -28,6 +31,9 @@ class NonlinearConv1d(ForwardOperator):
     x: (B, signal_length) -> y: (B, n_windows). Unitless.
     """
 
+    RULES = {"signal_length": POSITIVE_INT, "window": POSITIVE_INT, "stride": POSITIVE_INT,
+             "a": (lambda v: is_number(v) and math.isfinite(v), "a finite number"), "seed": NON_NEGATIVE_INT}
+
     def __init__(
         self,
         signal_length: int = 53,
@@ -38,9 +44,8 @@ class NonlinearConv1d(ForwardOperator):
         dtype: torch.dtype | str = torch.float64,
     ) -> None:
         super().__init__()
-        for name, value in (("signal_length", signal_length), ("window", window), ("stride", stride)):
-            if int(value) != value or value <= 0:
-                raise ValueError(f"operator.{name}={value!r}: expected a positive integer")
+        check_all("operator", self.RULES, {"signal_length": signal_length, "window": window, "stride": stride,
+                                           "a": a, "seed": seed})
         if window > signal_length:
             raise ValueError(f"operator.window={window} exceeds operator.signal_length={signal_length}")
         self.signal_length, self.window, self.stride = int(signal_length), int(window), int(stride)

@@ -13,6 +13,7 @@ from deepunroll.operators.base import ForwardOperator
 from deepunroll.operators.eit import fem
 from deepunroll.operators.eit.mesh import MeshGeometry, build_disk_mesh, scaled_edges
 from deepunroll.operators.eit.protocol import MeasurementPlan, build_protocol, check_electrodes, plain
+from deepunroll.validation import FRACTION, NON_NEGATIVE_INT, check_all, is_int, is_number
 
 _PHYSICS_DTYPE = torch.float64
 
@@ -32,6 +33,11 @@ class EIT(ForwardOperator):
     (``meas_seed``) subset of the protocol rows. The mesh is unchanged by either.
     """
 
+    RULES = {"n_electrodes": (lambda v: is_int(v) and v >= 3, "an integer >= 3"),
+             "h0": (lambda v: is_number(v) and 0 < v <= 0.5, "a number in (0, 0.5] (mesh size in disk radii)"),
+             "meas_fraction": FRACTION, "meas_seed": NON_NEGATIVE_INT,
+             "min_conductivity": (lambda v: v is None or (is_number(v) and v > 0), "a positive floor or null")}
+
     def __init__(
         self,
         n_electrodes: int = 16,
@@ -47,6 +53,8 @@ class EIT(ForwardOperator):
         dtype: torch.dtype = torch.float64,
     ) -> None:
         super().__init__()
+        check_all("operator", self.RULES, {"n_electrodes": n_electrodes, "h0": h0, "meas_fraction": meas_fraction,
+                                           "meas_seed": meas_seed, "min_conductivity": min_conductivity})
         kept = check_electrodes(electrodes, int(n_electrodes))
         mesh = build_disk_mesh(int(n_electrodes), float(h0))
         protocol = build_protocol(len(kept) if kept else int(n_electrodes), dist_exc, step_meas, parser)
@@ -63,8 +71,6 @@ class EIT(ForwardOperator):
             "meas_seed": int(meas_seed),
         }
         self._build(MeshGeometry.from_pyeit(mesh), plan, config, device, dtype)
-        if min_conductivity is not None and not min_conductivity > 0:
-            raise ValueError(f"operator.min_conductivity={min_conductivity}; expected a positive floor or null")
         self.min_conductivity = None if min_conductivity is None else float(min_conductivity)
 
     @classmethod
