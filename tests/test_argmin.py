@@ -10,7 +10,6 @@ from torch import nn
 
 from deepunroll.nets.argmin import BACKWARDS, ArgminLayer
 from deepunroll.optim.descent import ICM, GradientDescent
-from deepunroll.optim.linear import batched_cg
 from deepunroll.nets.energies import HuberTVEnergy, LabelEnergy, greedy_colouring
 from deepunroll.operators.base import ForwardOperator
 from deepunroll.train.memory import count_saved_bytes
@@ -241,15 +240,6 @@ def test_saved_bytes_grow_only_for_unroll():
     flat = (y.numel() + 2 * w.numel()) * 8  # x*, y, w
     assert saved["implicit", 10] == saved["implicit", 40] == flat
     assert saved["lagrangian", 10] == saved["lagrangian", 40] == flat
-
-
-def test_batched_cg_solves_spd_systems():
-    gen = torch.Generator().manual_seed(3)
-    q = torch.randn(4, 7, 7, generator=gen, dtype=DT)
-    spd = q @ q.transpose(1, 2) + torch.eye(7, dtype=DT)
-    b = torch.randn(4, 7, generator=gen, dtype=DT)
-    v = batched_cg(lambda p: (spd @ p[..., None])[..., 0], b, 50, 1e-13)
-    assert rel_err(v, torch.linalg.solve(spd, b)) < 1e-10
 
 
 # ---------------------------------------------------------------- discrete labelling layer

@@ -15,7 +15,6 @@ from deepunroll.pipeline import build_problem, load_datasets, load_model, train
 from deepunroll.config_checks import validate
 from deepunroll.nets.backprop import BACKPROP, Backprop, FixedPointSettings, make_backprop, warm_starts
 from deepunroll.validation import ConfigError
-from deepunroll.optim.fixed_point import anderson, fixed_point_iteration
 from deepunroll.train.trainer import Trainer, TrainSettings
 
 N = P = 53  # b(theta) = B theta with B = I: gradient errors are then exactly q^m * const
@@ -281,18 +280,6 @@ def test_fixed_point_modes_need_a_weight_tied_step(mode):
                     NonlinearConv1d())
 
 
-def test_anderson_solves_a_linear_fixed_point_faster():
-    Q, _ = torch.linalg.qr(torch.randn(N, N, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
-    M = Q @ torch.diag(torch.linspace(-0.95, 0.95, N, dtype=torch.float64)) @ Q.T
-    b = torch.randn(N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    f = lambda u: M @ u + b  # noqa: E731
-    u, n_anderson, residual = anderson(f, torch.zeros(N, dtype=torch.float64), 300, 1e-10)
-    exact = torch.linalg.solve(torch.eye(N, dtype=torch.float64) - M, b)
-    assert residual <= 1e-10 and (u - exact).norm() < 1e-8 * exact.norm()
-    _, n_plain, _ = fixed_point_iteration(f, torch.zeros(N, dtype=torch.float64), 1000, 1e-10)
-    assert n_plain > 350 and n_anderson < 0.5 * n_plain
-
-
 @pytest.mark.parametrize("mode", ["full", "checkpoint", "jfb", "restarted_jfb", "deq"])
 def test_training_loss_drops_under_every_mode(mode):
     """20 Adam steps (clipped at 1) on 64 toy signals (float64), PnP with spectrally normalised denoiser:
@@ -328,15 +315,6 @@ def test_trainer_passes_index_and_logs_lipschitz(tiny_toy, tmp_path):
     state["config"]["config"]["net"]["fixed_point"]["warm_start"] = False
     torch.save(state, tmp_path / "older.pt")
     assert load_model(tmp_path / "older.pt").backprop.mode == "restarted_jfb"  # loads for evaluation (cold anyway)
-
-
-def test_anderson_survives_a_degenerate_history():
-    """Exactly converged residuals (all zero) made the mixing system singular; float32 as in training."""
-
-    u, _, residual = anderson(lambda u: torch.ones(3), torch.zeros(3), max_iter=10, tol=0.0, memory=2)
-    assert torch.equal(u, torch.ones(3)) and residual == 0.0
-    u, _, _ = anderson(lambda u: 0.5 * u + 1, torch.zeros(4), max_iter=30, tol=0.0)
-    torch.testing.assert_close(u, torch.full((4,), 2.0))
 
 
 def test_a_mode_added_to_the_registry_is_known_everywhere(monkeypatch):
