@@ -10,6 +10,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from deepunroll.nets.backprop import make_backprop
+from deepunroll.nets.domain import make_domain
 from deepunroll.train.trainer import TrainSettings
 from deepunroll.validation import (BOOL, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, ConfigError, check_target,
                                    is_int, is_number)
@@ -41,6 +42,8 @@ def validate(cfg: DictConfig) -> None:
         TrainSettings.from_config(OmegaConf.to_container(cfg.train))
     for node in ("operator", "data.generator", "x0", "net.step", "accel"):  # objects check their own settings
         check_target(node, OmegaConf.select(cfg, node))
+    if "net" in cfg:
+        make_domain(cfg.net)  # net.domain and its settings
     mode = OmegaConf.select(cfg, "net.backprop")
     if mode is not None:  # the backprop strategy checks its mode and net.fixed_point.* itself
         fixed_point = OmegaConf.select(cfg, "net.fixed_point")

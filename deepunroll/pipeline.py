@@ -20,10 +20,9 @@ import deepunroll.configs
 from deepunroll.data.datasets import InverseProblemDataset
 from deepunroll.data.make import ensure_dataset, load_split
 from deepunroll.nets.build import build_model
-from deepunroll.nets.domain import GridDomainNet
+from deepunroll.nets.domain import make_domain
 from deepunroll.nets.unrolled import UnrolledNet, count_parameters
 from deepunroll.operators.base import ForwardOperator
-from deepunroll.operators.eit.grid import GridOperator
 from deepunroll.config_checks import validate
 from deepunroll.validation import check, one_of
 from deepunroll.record import write_run_record
@@ -64,17 +63,12 @@ def build_problem(cfg: DictConfig, device: torch.device | str = "cpu"):
     operator: ForwardOperator = instantiate(cfg.operator)
     generator = instantiate(cfg.data.generator)
     x0 = initial_guess(cfg)
-    domain = cfg.net.get("domain", "native")
-    if domain not in ("native", "grid"):
-        raise ValueError(f"net.domain={domain!r}; expected native or grid")
-    net_operator = GridOperator(operator, cfg.net.grid_size) if domain == "grid" else operator
-    model = build_model(cfg.net, cfg.accel, net_operator, initial_guess=x0)
+    domain = make_domain(cfg.net)
+    model = build_model(cfg.net, cfg.accel, domain.operator(operator), initial_guess=x0)
     dtype = network_dtype(cfg)
     model.step.to(dtype)
     model.accelerator.to(dtype)  # the operator keeps its own (float64) precision
-    if domain == "grid":
-        model = GridDomainNet(model, initial_guess=x0)
-    return operator, generator, model.to(device)
+    return operator, generator, domain.wrap(model, initial_guess=x0).to(device)
 
 
 def load_datasets(cfg: DictConfig, operator: ForwardOperator, splits=("train", "val")) -> dict[str, InverseProblemDataset]:

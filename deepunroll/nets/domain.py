@@ -1,4 +1,6 @@
-"""Run an unrolled network on another representation of x (``net.domain=grid`` for EIT)."""
+"""Where the network works (``net.domain``): on the operator's own x (``native``) or on another
+representation of it (``grid``: EIT conductivities on a pixel image). A domain object gives the operator the
+network is built on and wraps the built network; :data:`DOMAINS` is the one list of choices."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from torch import nn
 from deepunroll.nets.unrolled import UnrolledNet
 from deepunroll.operators.base import ForwardOperator
 from deepunroll.operators.eit.grid import GridOperator
+from deepunroll.validation import POSITIVE_INT, check, check_all, one_of
 
 
 class GridDomainNet(nn.Module):
@@ -47,3 +50,40 @@ class GridDomainNet(nn.Module):
             x0 = self.initial_guess(self.operator, y)
         grid = self.net.operator.grid
         return grid.to_mesh(self.net.reconstruct(y, grid.to_grid(x0.to(device=param.device, dtype=param.dtype))))
+
+
+class NativeDomain:
+    """``net.domain=native``: the network works on the operator's own x."""
+
+    def operator(self, operator: ForwardOperator) -> ForwardOperator:
+        return operator
+
+    def wrap(self, net: UnrolledNet, initial_guess=None) -> nn.Module:
+        return net
+
+
+class GridDomain:
+    """``net.domain=grid``: the network works on a ``grid_size`` x ``grid_size`` pixel image (:class:`GridOperator`)
+    and :class:`GridDomainNet` maps its inputs and outputs to and from the mesh."""
+
+    RULES = {"grid_size": POSITIVE_INT}
+
+    def __init__(self, grid_size: int = 32) -> None:
+        check_all("net", self.RULES, {"grid_size": grid_size})
+        self.grid_size = int(grid_size)
+
+    def operator(self, operator: ForwardOperator) -> GridOperator:
+        return GridOperator(operator, self.grid_size)
+
+    def wrap(self, net: UnrolledNet, initial_guess=None) -> GridDomainNet:
+        return GridDomainNet(net, initial_guess=initial_guess)
+
+
+DOMAINS = {"native": NativeDomain, "grid": GridDomain}
+
+
+def make_domain(net_cfg) -> NativeDomain | GridDomain:
+    """The domain of ``net.domain`` (absent: native) with its settings (``net.grid_size``); ConfigError naming the key."""
+    name = net_cfg.get("domain", "native")
+    check("net.domain", name, one_of(*DOMAINS))
+    return GridDomain(net_cfg.get("grid_size", 32)) if name == "grid" else NativeDomain()
