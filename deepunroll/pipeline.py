@@ -91,7 +91,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     device = distributed.init_from_env(resolve_device(cfg.train.device))
     run_dir = Path(distributed.broadcast(str(run_dir)))
     operator, _, model = build_problem(cfg, device)
-    settings = TrainSettings.from_config({k: cfg.train[k] for k in cfg.train if k not in TrainSettings.PIPELINE_KEYS})
+    settings = TrainSettings.from_config(OmegaConf.to_container(cfg.train))
     trainer = Trainer(model, settings, run_dir, int(cfg.seed))
     trainer.check_run_dir()
     if not distributed.is_main():

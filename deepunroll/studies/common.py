@@ -96,11 +96,11 @@ def run_claimed(run_dir: Path, work: Callable[[], dict], report_only: bool = Fal
         (run_dir / "claim.pid").unlink(missing_ok=True)
 
 
-def run_one(overrides: list[str], run_dir: Path, info: dict) -> dict | None:
+def run_one(overrides: list[str], run_dir: Path, info: dict, report_only: bool = False) -> dict | None:
     """Train + evaluate one config into run_dir (:func:`run_claimed`); the stored result if already done.
 
-    Returns None when another live process is training this run. ``info`` (sweep, network, axis
-    values) is stored with the result.
+    Returns None when another live process is training this run (or ``report_only`` and it is not done).
+    ``info`` (sweep, network, axis values) is stored with the result.
     """
     from deepunroll.evaluation import evaluate
     from deepunroll.pipeline import compose_config, train
@@ -117,7 +117,7 @@ def run_one(overrides: list[str], run_dir: Path, info: dict) -> dict | None:
                     epochs=len(trained["history"]), train_seconds=seconds, resumed=resume,
                     git_commit=git_commit(), config=config_dict(cfg))
 
-    return run_claimed(run_dir, work)
+    return run_claimed(run_dir, work, report_only)
 
 
 def load_best(run_dir: Path):

@@ -22,7 +22,7 @@ import torch
 
 from deepunroll import metrics
 from deepunroll.pipeline import compose_config
-from deepunroll.studies.common import RESULT, load_best, load_profile, run_one
+from deepunroll.studies.common import load_best, load_profile, run_one
 from deepunroll.tables import write_csv
 from deepunroll.train import checkpoint
 from deepunroll.train.memory import count_saved_bytes
@@ -184,10 +184,7 @@ def run(profile: str = "quick", out_dir: str | Path = ".", runs_dir: str | Path 
                 overrides = spec["models"][model] + spec["modes"][mode] + spec["overrides"] + [
                     f"seed={seed}", "train.device=cpu", "train.on_nonfinite=skip", f"name=equilibrium_{model}_{mode}",
                     "evaluate=false", f"data.root={out_dir / 'data'}"]
-                done = run_dir / RESULT
-                result = json.loads(done.read_text()) if done.exists() else None
-                if result is None and not report_only:
-                    result = run_one(overrides, run_dir, {"study": "equilibrium", "model": model, "mode": mode})
+                result = run_one(overrides, run_dir, {"study": "equilibrium", "model": model, "mode": mode}, report_only)
                 if result is None:
                     pending += 1
                     continue

@@ -11,7 +11,6 @@ Runs are resumable (deepunroll.studies.common.run_one); ``report_only`` tabulate
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from deepunroll.studies.common import (format_mean_std, load_profile, markdown_table, paired, run_ablation, run_one,
@@ -42,10 +41,7 @@ def run(profile: str, out_dir: Path, runs_dir: Path | None = None, report_only: 
                 run_dir = runs_dir / f"physics_use_{profile}" / slug(f"{variant}_noise={noise}_seed={seed}")
                 overrides = [f"+experiment={spec['experiment']}", *spec["base"], *extra, f"data.noise={noise}", f"seed={seed}",
                              "train.device=cpu", "evaluate=false", f"data.root={runs_dir / 'data'}"]
-                done = run_dir / "result.json"
-                result = json.loads(done.read_text()) if done.exists() else None
-                if result is None and not report_only:
-                    result = run_one(overrides, run_dir, {"study": "physics_use", "variant": variant})
+                result = run_one(overrides, run_dir, {"study": "physics_use", "variant": variant}, report_only)
                 if result is None:
                     continue
                 rows.append(_row(variant, noise, seed, result, run_ablation(run_dir)))
