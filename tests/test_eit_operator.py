@@ -253,14 +253,16 @@ def test_wrong_shape_is_rejected(small):
         small(torch.ones(2, small.n_elems + 1, dtype=torch.float64))
 
 
-def test_bench_runs_and_reports_agreement(capsys):
+def test_bench_runs_and_reports_agreement(capsys, tmp_path):
     from deepunroll.bench.eit import main
 
-    main(["--h0", "0.3", "--batch", "2", "--repeats", "1", "--pyeit-samples", "1", "--threads", "0"])
+    main(["--h0", "0.3", "--batch", "2", "--repeats", "1", "--pyeit-samples", "1", "--threads", "0", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "ours misfit_grad, batch 2" in out and "floor: one Cholesky" in out
-    agreement = float(out.split("gradient agreement with pyEIT (relative):")[1].split()[0])
-    assert agreement < 5e-12  # measured 6.1e-14
+    for kind in ("dense", "sparse"):
+        assert f"{kind} misfit_grad, batch 2" in out and f"{kind} floor: one factorisation" in out
+        agreement = float(out.split(f"gradient agreement with pyEIT, {kind} (relative):")[1].split()[0])
+        assert agreement < 5e-12  # measured 6.1e-14 (dense)
+    assert (tmp_path / "results" / "bench_eit.csv").exists() and (tmp_path / "figures" / "bench_eit_scaling.png").exists()
 
 
 def test_min_conductivity_clamps_instead_of_raising():

@@ -8,10 +8,8 @@ with the identity row (K[ref, :] = K[:, ref] = 0, K[ref, ref] = 1). Potentials i
 "unit-current fields" U = K^{-1} E (E: unit vectors at the active electrode nodes) give
 every excitation (U[:, a] - U[:, b]) and every adjoint field alike.
 
-Dense batched Cholesky costs N^3 / 3 flops and 8 N^2 bytes per sample: ~1 ms at h0=0.1
-(N = 376), ~8 ms at h0=0.07 (N = 758) on one CPU core, growing as h0^-6. Beyond ~1,500-2,000
-nodes (h0 < ~0.05) use a sparse factorisation (CHOLMOD via scikit-sparse, cuDSS on GPU) or
-preconditioned CG with the same n_act right-hand sides.
+The solves themselves (dense or sparse Cholesky of K) are in ``deepunroll.operators.eit.solver``;
+this module holds the assembly plan and the bilinear forms of the fields.
 """
 
 from __future__ import annotations
@@ -46,72 +44,31 @@ def assembly_indices(nodes: np.ndarray, elements: np.ndarray, ref_node: int) -> 
     return slot.astype(np.int64), owner.astype(np.int64), value, slot_flat.astype(np.int64)
 
 
-def assemble(sigma: torch.Tensor, plan: tuple[torch.Tensor, ...], n_nodes: int) -> torch.Tensor:
-    """K(sigma) (B, N, N) from sigma (B, E): a scatter-add into the distinct nonzeros, then
-    one indexed copy into the dense matrix (differentiable)."""
+def assemble_values(sigma: torch.Tensor, plan: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The distinct nonzeros of K(sigma), (B, n_slots) in the order of ``slot_flat``, from sigma (B, E): one
+    scatter-add (differentiable)."""
     entry_slot, entry_owner, entry_value, slot_flat = plan
-    batch = sigma.shape[0]
-    padded = torch.cat([sigma, sigma.new_ones(batch, 1)], dim=1)
-    nonzeros = sigma.new_zeros(batch, slot_flat.shape[0]).index_add(1, entry_slot, padded[:, entry_owner] * entry_value)
-    stiffness = sigma.new_zeros(batch, n_nodes * n_nodes)
-    stiffness[:, slot_flat] = nonzeros
-    return stiffness.reshape(batch, n_nodes, n_nodes)
+    padded = torch.cat([sigma, sigma.new_ones(sigma.shape[0], 1)], dim=1)
+    return sigma.new_zeros(sigma.shape[0], slot_flat.shape[0]).index_add(1, entry_slot,
+                                                                        padded[:, entry_owner] * entry_value)
 
 
-def _unit_sources(stiffness: torch.Tensor, el_nodes: torch.Tensor) -> torch.Tensor:
-    """E (B, N, n_act): unit current (1 A) at each active electrode node."""
-    sources = torch.zeros(stiffness.shape[-1], el_nodes.shape[0], dtype=stiffness.dtype, device=stiffness.device)
-    sources[el_nodes, torch.arange(el_nodes.shape[0], device=el_nodes.device)] = 1.0
-    return sources.expand(stiffness.shape[0], -1, -1)
+def gradient_operators(edges: np.ndarray, elements: np.ndarray, ref_node: int) -> np.ndarray:
+    """G (E, 2, 3) = S_e^T with the reference node's column zeroed: D_e = G_e U[elements[e]].
 
-
-def _factor(stiffness: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched Cholesky; returns (L, ok) where ok (B,) is False where K is not positive definite."""
-    chol, info = torch.linalg.cholesky_ex(stiffness)
-    return chol, info == 0
-
-
-def unit_current_fields(stiffness: torch.Tensor, el_nodes: torch.Tensor) -> torch.Tensor:
-    """U = K^{-1} E: nodal potentials (B, N, n_act) for +1 A into each active electrode node.
-
-    Dense batched Cholesky K = L L^T, then two triangular solves with n_act right-hand sides
-    (faster on CPU than ``cholesky_solve``). Samples whose K is not positive definite
-    (non-positive conductivity, as a Gauss-Newton iterate may be) fall back to LU.
+    The reference node's potential is pinned (dK/dsigma_e has its row and column removed), so its
+    value never enters the field gradients of the bilinear forms below.
     """
-    sources = _unit_sources(stiffness, el_nodes)
-    chol, ok = _factor(stiffness)
-    half = torch.linalg.solve_triangular(chol, sources, upper=False)
-    fields = torch.linalg.solve_triangular(chol.mT, half, upper=True)
-    if not bool(ok.all()):
-        fields = torch.where(ok[:, None, None], fields, torch.linalg.solve(stiffness, sources))
-    return fields
+    grounded = np.where((elements == ref_node)[:, :, None], 0.0, edges)
+    return np.ascontiguousarray(grounded.transpose(0, 2, 1))
 
 
-def electrode_transfer(stiffness: torch.Tensor, el_nodes: torch.Tensor) -> torch.Tensor:
-    """R = E^T K^{-1} E (B, n_act, n_act): electrode potentials for unit currents (V / A).
+def field_gradients(fields: torch.Tensor, gradient_ops: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:
+    """D (B, E, 2, n_act) = G_e U[elements[e]]: scaled gradients of the unit-current fields (B, N, n_act).
 
-    Forward-only fast path: with K = L L^T, R = Y^T Y for Y = L^{-1} E (one triangular solve).
+    With ``gradient_ops`` from :func:`gradient_operators`, u^T (dK/dsigma_e) w = (D_e u) . (D_e w).
     """
-    sources = _unit_sources(stiffness, el_nodes)
-    chol, ok = _factor(stiffness)
-    half = torch.linalg.solve_triangular(chol, sources, upper=False)
-    transfer = half.transpose(1, 2) @ half
-    if not bool(ok.all()):
-        fallback = torch.linalg.solve(stiffness, sources)[:, el_nodes, :]
-        transfer = torch.where(ok[:, None, None], transfer, fallback)
-    return transfer
-
-
-def field_gradients(fields: torch.Tensor, edges: torch.Tensor, elements: torch.Tensor, ref_node: int) -> torch.Tensor:
-    """D (B, E, 2, n_act) = S_e^T U[elements[e]]: scaled gradients of the unit-current fields.
-
-    The reference node's potential is pinned, so its row of U is zeroed first (dK/dsigma_e
-    has the reference row and column removed). Then u^T (dK/dsigma_e) w = (D_e u) . (D_e w).
-    """
-    mask = torch.ones(fields.shape[1], 1, dtype=fields.dtype, device=fields.device)
-    mask[ref_node] = 0.0
-    local = (fields * mask)[:, elements]  # (B, E, 3, n_act)
-    return sum(edges[None, :, i, :, None] * local[:, :, i, None, :] for i in range(3))
+    return torch.einsum("edi,beik->bedk", gradient_ops, fields[:, elements])
 
 
 def transfer_vjp(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,10 @@ from pyeit.eit.protocol import PyEITProtocol
 from pyeit.mesh import PyEITMesh
 
 from deepunroll.operators.base import ForwardOperator
-from deepunroll.operators.eit import fem
+from deepunroll.operators.eit import fem, solver
 from deepunroll.operators.eit.mesh import MeshGeometry, build_disk_mesh, scaled_edges
 from deepunroll.operators.eit.protocol import MeasurementPlan, build_protocol, check_electrodes, plain
-from deepunroll.validation import FRACTION, NON_NEGATIVE_INT, check_all, is_int, is_number
+from deepunroll.validation import FRACTION, NON_NEGATIVE_INT, check_all, is_int, is_number, one_of
 
 _PHYSICS_DTYPE = torch.float64
 
@@ -31,12 +31,17 @@ class EIT(ForwardOperator):
     Limited measurements: ``electrodes`` keeps only those mesh electrodes (the protocol is
     rebuilt over them, in increasing index order); ``meas_fraction`` keeps a seeded
     (``meas_seed``) subset of the protocol rows. The mesh is unchanged by either.
+
+    ``solver``: how K(sigma) is factored, ``dense`` | ``sparse`` | ``auto`` (by mesh size and device;
+    :mod:`deepunroll.operators.eit.solver`). It changes speed and memory, not the model: it is not part of
+    ``metadata()``, so datasets do not depend on it.
     """
 
     RULES = {"n_electrodes": (lambda v: is_int(v) and v >= 3, "an integer >= 3"),
              "h0": (lambda v: is_number(v) and 0 < v <= 0.5, "a number in (0, 0.5] (mesh size in disk radii)"),
              "meas_fraction": FRACTION, "meas_seed": NON_NEGATIVE_INT,
-             "min_conductivity": (lambda v: v is None or (is_number(v) and v > 0), "a positive floor or null")}
+             "min_conductivity": (lambda v: v is None or (is_number(v) and v > 0), "a positive floor or null"),
+             "solver": one_of(*solver.SOLVERS)}
 
     def __init__(
         self,
@@ -49,12 +54,14 @@ class EIT(ForwardOperator):
         meas_fraction: float = 1.0,
         meas_seed: int = 0,
         min_conductivity: float | None = None,
+        solver: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
         super().__init__()
         check_all("operator", self.RULES, {"n_electrodes": n_electrodes, "h0": h0, "meas_fraction": meas_fraction,
-                                           "meas_seed": meas_seed, "min_conductivity": min_conductivity})
+                                           "meas_seed": meas_seed, "min_conductivity": min_conductivity,
+                                           "solver": solver})
         kept = check_electrodes(electrodes, int(n_electrodes))
         mesh = build_disk_mesh(int(n_electrodes), float(h0))
         protocol = build_protocol(len(kept) if kept else int(n_electrodes), dist_exc, step_meas, parser)
@@ -72,6 +79,7 @@ class EIT(ForwardOperator):
         }
         self._build(MeshGeometry.from_pyeit(mesh), plan, config, device, dtype)
         self.min_conductivity = None if min_conductivity is None else float(min_conductivity)
+        self.solver = solver
 
     @classmethod
     def from_pyeit(
@@ -80,6 +88,7 @@ class EIT(ForwardOperator):
         protocol: PyEITProtocol,
         meas_fraction: float = 1.0,
         meas_seed: int = 0,
+        solver: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> "EIT":
@@ -108,6 +117,8 @@ class EIT(ForwardOperator):
             "meas_seed": int(meas_seed),
         }
         self._build(geometry, plan, config, device, dtype)
+        check_all("operator", cls.RULES, {"solver": solver})
+        self.solver = solver
         return self
 
     def _build(self, geometry: MeshGeometry, plan: MeasurementPlan, config: dict, device, dtype) -> None:
@@ -115,6 +126,8 @@ class EIT(ForwardOperator):
             raise ValueError(f"EIT: dtype is the physics dtype and must be torch.float64, got {dtype}")
         self.geometry, self.plan, self.config = geometry, plan, config
         self.min_conductivity: float | None = None
+        self.solver = "auto"
+        self._solvers: dict[tuple[str, torch.device], solver.DenseSolver | solver.SparseSolver] = {}
         self.in_shape, self.out_shape = (geometry.n_elems,), (plan.n_meas,)
         self.ref_node = geometry.ref_node
         entry_slot, entry_owner, entry_value, slot_flat = fem.assembly_indices(
@@ -125,7 +138,8 @@ class EIT(ForwardOperator):
             "elements": geometry.elements,
             "el_pos": geometry.el_pos,
             "centroids": geometry.centroids(),
-            "edges": scaled_edges(geometry.nodes, geometry.elements),
+            "gradient_ops": fem.gradient_operators(scaled_edges(geometry.nodes, geometry.elements), geometry.elements,
+                                                   geometry.ref_node),
             "asm_entry_slot": entry_slot,
             "asm_entry_owner": entry_owner,
             "asm_entry_value": entry_value,
@@ -216,14 +230,30 @@ class EIT(ForwardOperator):
                 )
         return sigma64
 
-    def stiffness(self, sigma64: torch.Tensor) -> torch.Tensor:
-        """K(sigma) (B, N, N) with pyEIT's reference-node grounding."""
+    def stiffness_values(self, sigma64: torch.Tensor) -> torch.Tensor:
+        """The distinct nonzeros of K(sigma) (B, nnz), in the order of ``asm_slot_flat`` (differentiable)."""
         plan = (self.asm_entry_slot, self.asm_entry_owner, self.asm_entry_value, self.asm_slot_flat)
-        return fem.assemble(sigma64, plan, self.n_nodes)
+        return fem.assemble_values(sigma64, plan)
+
+    def stiffness(self, sigma64: torch.Tensor) -> torch.Tensor:
+        """K(sigma) (B, N, N) with pyEIT's reference-node grounding (dense)."""
+        return solver.DenseSolver(self.asm_slot_flat, self.n_nodes).matrix(self.stiffness_values(sigma64))
+
+    def fem_solver(self, device: torch.device | None = None) -> solver.DenseSolver | solver.SparseSolver:
+        """The solve path ``solver`` takes on ``device`` (default: the operator's); the sparse symbolic
+        factorisation is built on first use and kept per device."""
+        device = self.nodes.device if device is None else torch.device(device)
+        kind = solver.choose(self.solver, self.n_nodes, device)
+        key = (kind, device)
+        if key not in self._solvers:
+            slot_flat = self.asm_slot_flat.to(device)
+            self._solvers[key] = (solver.SparseSolver(slot_flat, self.n_nodes, self.geometry.nodes, device)
+                                  if kind == "sparse" else solver.DenseSolver(slot_flat, self.n_nodes))
+        return self._solvers[key]
 
     def fields(self, sigma64: torch.Tensor) -> torch.Tensor:
         """Unit-current fields U (B, N, n_act), volts per ampere."""
-        return fem.unit_current_fields(self.stiffness(sigma64), self.el_nodes)
+        return self.fem_solver(sigma64.device).fields(self.stiffness_values(sigma64), self.el_nodes)
 
     def voltages_from_fields(self, fields: torch.Tensor) -> torch.Tensor:
         transfer = fields[:, self.el_nodes, :]
@@ -233,12 +263,12 @@ class EIT(ForwardOperator):
         """J^T v (B, E) from the fields: the adjoint field of v is U (C^T v) restricted to electrodes."""
         n_act = self.el_nodes.shape[0]
         weights = (v64 @ self.transfer).reshape(-1, n_act, n_act)
-        grads = fem.field_gradients(fields, self.edges, self.elements, self.ref_node)
+        grads = fem.field_gradients(fields, self.gradient_ops, self.elements)
         return fem.transfer_vjp(grads, weights)
 
     def jacobian_from_fields(self, fields: torch.Tensor) -> torch.Tensor:
         """dV/dsigma (B, n_meas, E) from the fields."""
-        grads = fem.field_gradients(fields, self.edges, self.elements, self.ref_node)
+        grads = fem.field_gradients(fields, self.gradient_ops, self.elements)
         return fem.measurement_jacobian(grads, self.row_sources, self.row_probes)
 
     def reference_point(self) -> torch.Tensor:
@@ -255,12 +285,8 @@ class EIT(ForwardOperator):
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def chunk_size(self, device: torch.device) -> int:
-        """Samples per dense solve: K chunks of ~4 MB (>= 2 samples) on CPU, cache-sized, which
-        measured up to 1.8x faster per sample than one batch of 32; ~256 MB on accelerators
-        (bounds memory, keeps the batch parallel)."""
-        if device.type == "cpu":
-            return max(2, (4 << 20) // (8 * self.n_nodes**2))
-        return max(1, (256 << 20) // (8 * self.n_nodes**2))
+        """Samples per solve call: the solve path's own (cache-sized on CPU, memory-bounded on accelerators)."""
+        return self.fem_solver(device).chunk_size(device)
 
     def _chunked(self, fn, *tensors: torch.Tensor) -> torch.Tensor:
         size = self.chunk_size(tensors[0].device)
@@ -278,7 +304,7 @@ class EIT(ForwardOperator):
         return voltages.to(sigma.dtype)
 
     def _voltages_only(self, sigma64: torch.Tensor) -> torch.Tensor:
-        transfer = fem.electrode_transfer(self.stiffness(sigma64), self.el_nodes)
+        transfer = self.fem_solver(sigma64.device).transfer(self.stiffness_values(sigma64), self.el_nodes)
         return transfer.flatten(1) @ self.transfer.T
 
     def _vjp(self, sigma: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
