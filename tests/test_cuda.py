@@ -24,6 +24,19 @@ def test_operator_on_cuda_matches_cpu(make):
     torch.testing.assert_close(op_gpu.vjp(x.cuda(), v.cuda()).cpu(), op.vjp(x, v), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("solver", ["dense", "sparse"])
+def test_both_solve_paths_on_cuda_match_cpu(solver):
+    cpu, gpu = EIT(h0=0.1, solver=solver), EIT(h0=0.1, solver=solver).to("cuda")
+    x = 1 + 0.5 * torch.rand(6, cpu.n_elems, dtype=torch.float64)
+    y = cpu(1.1 * x)
+    assert gpu.fem_solver().name == solver
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gpu.misfit_grad(x.cuda(), y.cuda()).cpu(), cpu.misfit_grad(x, y), rtol=1e-9, atol=1e-14)
+    xg = x.cuda().requires_grad_()
+    (grad,) = torch.autograd.grad(gpu(xg).square().sum(), xg)
+    torch.testing.assert_close(grad.cpu(), cpu.vjp(x, 2 * cpu(x)), rtol=1e-9, atol=1e-14)
+
+
 def test_training_step_stays_on_the_gpu():
     cfg = compose_config(["+experiment=eit_rma", "operator.h0=0.2", "net.n_iter=2", "train.device=cuda"])
     operator, _, model = build_problem(cfg, device="cuda")
