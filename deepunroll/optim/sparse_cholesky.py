@@ -46,7 +46,6 @@ class _Level:
     pad_diag: torch.Tensor         # flat positions in F11 of padded pivots' diagonals (set to 1)
     pivot_index: torch.Tensor      # (n_fronts, p) variables (padding: n, a scratch row)
     structure_index: torch.Tensor  # (n_fronts, b) variables (padding: n)
-    front_index: torch.Tensor      # (n_fronts, p + b): pivots, then structure
 
     def to(self, device: torch.device) -> "_Level":
         return _Level(
@@ -54,7 +53,7 @@ class _Level:
             entries={k: (s.to(device), d.to(device)) for k, (s, d) in self.entries.items()},
             extend={k: [(lv, s.to(device), d.to(device)) for lv, s, d in v] for k, v in self.extend.items()},
             pad_diag=self.pad_diag.to(device), pivot_index=self.pivot_index.to(device),
-            structure_index=self.structure_index.to(device), front_index=self.front_index.to(device))
+            structure_index=self.structure_index.to(device))
 
 
 class SparseCholesky:
@@ -95,18 +94,20 @@ class SparseCholesky:
         values = values.detach()
         batch = values.shape[0]
         ok = torch.ones(batch, dtype=torch.bool, device=values.device)
-        lowers, updates = [], []
+        pivots, couplings, updates = [], [], []
         with torch.no_grad():
             for level in self.levels:
                 nf, p, b = level.n_fronts, level.p, level.b
-                blocks = {"11": values.new_zeros(batch, nf * p * p), "21": values.new_zeros(batch, nf * b * p),
-                          "22": values.new_zeros(batch, nf * b * b)}
+                sizes = (nf * p * p, nf * b * p, nf * b * b)
+                front = values.new_zeros(batch * sum(sizes))  # F11, F21, F22 one after the other: one allocation
+                blocks = {name: part.view(batch, -1) for name, part in
+                          zip(("11", "21", "22"), front.split([batch * size for size in sizes]))}
                 for name, block in blocks.items():
                     if name in level.entries:
                         src, dst = level.entries[name]
-                        block[:, dst] = values[:, src]
+                        block.index_copy_(1, dst, values.index_select(1, src))
                     for child_level, src, dst in level.extend.get(name, ()):
-                        block.index_add_(1, dst, updates[child_level].reshape(batch, -1)[:, src])
+                        block.index_add_(1, dst, updates[child_level].reshape(batch, -1).index_select(1, src))
                 blocks["11"][:, level.pad_diag] = 1.0
                 l11, info = torch.linalg.cholesky_ex(blocks["11"].view(batch, nf, p, p))
                 ok &= (info == 0).all(dim=1)
@@ -115,8 +116,9 @@ class SparseCholesky:
                 l21 = blocks["21"].view(batch, nf, b, p) @ l11_inv.mT  # F21 L11^{-T}
                 flat = l21.reshape(batch * nf, b, p)
                 updates.append(torch.baddbmm(blocks["22"].view(batch * nf, b, b), flat, flat.mT, alpha=-1.0))
-                lowers.append(torch.cat([l11_inv, l21 @ l11_inv], dim=2))  # [L11^{-1}; L21 L11^{-1}]
-        return Factor(self, lowers, ok)
+                pivots.append(l11_inv)
+                couplings.append(l21 @ l11_inv)
+        return Factor(self, pivots, couplings, ok)
 
     def solve(self, values: torch.Tensor, rhs: torch.Tensor, factor: "Factor | None" = None) -> torch.Tensor:
         """x = K^{-1} rhs: values (B, nnz), rhs (B, n, k) -> (B, n, k), differentiable in values and rhs.
@@ -128,12 +130,12 @@ class SparseCholesky:
 
 
 class Factor:
-    """The factor of K = L L^T for a batch, per level the front operators T = [L11^{-1}; L21 L11^{-1}]
-    (B, fronts, p + b, p), so each substitution step is one batched product; ``ok`` (B,) is False where a
-    sample's matrix is not positive definite (its solves are then meaningless)."""
+    """The factor of K = L L^T for a batch: per level the front operators L11^{-1} (B, fronts, p, p) and
+    L21 L11^{-1} (B, fronts, b, p), so each substitution step is two batched products; ``ok`` (B,) is False
+    where a sample's matrix is not positive definite (its solves are then meaningless)."""
 
-    def __init__(self, symbolic: SparseCholesky, lowers: list, ok: torch.Tensor) -> None:
-        self.symbolic, self.lowers, self.ok = symbolic, lowers, ok
+    def __init__(self, symbolic: SparseCholesky, pivots: list, couplings: list, ok: torch.Tensor) -> None:
+        self.symbolic, self.pivots, self.couplings, self.ok = symbolic, pivots, couplings, ok
 
     def _padded(self, rhs: torch.Tensor) -> torch.Tensor:
         batch, n, k = rhs.shape
@@ -144,10 +146,11 @@ class Factor:
     def _forward_sweep(self, x: torch.Tensor) -> torch.Tensor:
         """In place: x <- L^{-1} x (leaves to root), on the padded (B, n + 1, k) work array."""
         batch, _, k = x.shape
-        for level, front in zip(self.symbolic.levels, self.lowers):
-            z = front @ x[:, level.pivot_index]  # (B, fronts, p + b, k): [y_P; L21 y_P]
-            x[:, level.pivot_index.reshape(-1)] = z[:, :, :level.p].reshape(batch, -1, k)
-            x.index_add_(1, level.structure_index.reshape(-1), z[:, :, level.p:].reshape(batch, -1, k), alpha=-1.0)
+        for level, pivot, coupling in zip(self.symbolic.levels, self.pivots, self.couplings):
+            rows = level.pivot_index.reshape(-1)
+            known = x.index_select(1, rows).view(batch, level.n_fronts, level.p, k)
+            x.index_copy_(1, rows, (pivot @ known).view(batch, -1, k))  # y_P = L11^{-1} x_P
+            x.index_add_(1, level.structure_index.reshape(-1), (coupling @ known).view(batch, -1, k), alpha=-1.0)
         return x
 
     def half_solve(self, rhs: torch.Tensor) -> torch.Tensor:
@@ -161,10 +164,13 @@ class Factor:
         with torch.no_grad():
             x = self._forward_sweep(self._padded(rhs))
             batch, _, k = x.shape
-            for level, front in zip(reversed(self.symbolic.levels), reversed(self.lowers)):
-                known = x[:, level.front_index]  # (B, fronts, p + b, k): [y_P; x_B]
-                known[:, :, level.p:] *= -1.0
-                x[:, level.pivot_index.reshape(-1)] = (front.mT @ known).reshape(batch, -1, k)  # L11^{-T}(y_P - L21^T x_B)
+            for level, pivot, coupling in zip(*(reversed(v) for v in (self.symbolic.levels, self.pivots,
+                                                                      self.couplings))):
+                rows, shape = level.pivot_index.reshape(-1), (batch, level.n_fronts, -1, k)
+                solved = pivot.mT @ x.index_select(1, rows).view(shape)
+                if level.b:  # L11^{-T} (y_P - L21^T x_B)
+                    solved -= coupling.mT @ x.index_select(1, level.structure_index.reshape(-1)).view(shape)
+                x.index_copy_(1, rows, solved.view(batch, -1, k))
             return x[:, :-1]
 
 
@@ -264,8 +270,7 @@ def _plan(rows: np.ndarray, cols: np.ndarray, n: int, tree: SeparatorTree) -> li
             extend={k: [(hc, as_tensor(sd[0]), as_tensor(sd[1])) for hc, sd in sorted(v.items())]
                     for k, v in coll["extend"].items()},
             pad_diag=as_tensor(plan["pad"]), pivot_index=torch.as_tensor(pivot_index),
-            structure_index=torch.as_tensor(structure_index),
-            front_index=torch.as_tensor(np.concatenate([pivot_index, structure_index], axis=1))))
+            structure_index=torch.as_tensor(structure_index)))
     return levels
 
 
