@@ -84,7 +84,9 @@ def test_batch_gradient_through_operator(tiny_eit):
     matches a central finite difference of the network's output; with false (d_k = J^T(F(x_k) - y) held
     constant) it does not. Untrained blocks end in zero convolutions (net.step.zero_init), which makes
     the two settings agree exactly, so the net starts from random weights here. Measured (float64,
-    eps 1e-6): true 3.1e-11 from the finite difference, false 7.6e-5; the gradients differ by 5.0e-5."""
+    eps 1e-6): true 3.1e-11 from the finite difference (1.5e-9 on another CPU: a PReLU kink within eps of the
+    iterate makes the central difference machine-dependent, so the bound is 1e-7), false 7.6e-5; the gradients
+    differ by 5.0e-5."""
     gen = torch.Generator().manual_seed(1)
     results = {}
     for through in (True, False):
@@ -112,7 +114,7 @@ def test_batch_gradient_through_operator(tiny_eit):
                     p.sub_(sign * eps * d)
         slope = float(sum((g * d).sum() for g, d in zip(grads, direction)))
         results[through] = (grads, abs((values[0] - values[1]) / (2 * eps) - slope) / abs(slope))
-    assert results[True][1] < 1e-9
+    assert results[True][1] < 1e-7
     assert results[False][1] > 1e-5
     true_grads, false_grads = results[True][0], results[False][0]
     gap = sum(float((a - b).pow(2).sum()) for a, b in zip(true_grads, false_grads)) ** 0.5

@@ -51,7 +51,9 @@ def test_gauss_newton_network_needs_the_measurements_and_raw_does_not(tmp_path):
     """LPGD-RMA on a coarse EIT mesh (172 elements), ~30 s of training per signal on one core.
 
     Measured (1 thread): gauss_newton test MSE 2.68e-3 (GN x0 1.22e-2); data term removed 1.59x,
-    another sample's y 2.49x. raw: 3.1e-3, both ratios 1.00 (a post-processing network).
+    another sample's y 2.49x. raw: 3.1e-3, both ratios 1.00 (a post-processing network). The removed-data-term
+    ratio moves with float32 rounding (1.15, 1.16, 1.45, 1.58 across CPUs, thread counts and LSTM kernels), the
+    raw one does not: hence the bound 1.1, still ten times the raw network's tolerance.
     """
     ratios = {}
     for kind in ("gauss_newton", "raw"):
@@ -60,7 +62,7 @@ def test_gauss_newton_network_needs_the_measurements_and_raw_does_not(tmp_path):
         test = load_datasets(cfg, model.operator, splits=("test",))["test"]
         ratios[kind] = physics_ablation(model, test)
     gn, raw = ratios["gauss_newton"], ratios["raw"]
-    assert gn["no_data_term_ratio"] >= 1.2 and gn["other_y_ratio"] > gn["no_data_term_ratio"]
+    assert gn["no_data_term_ratio"] >= 1.1 and gn["other_y_ratio"] > gn["no_data_term_ratio"]
     # the published raw input fails the same check: its network does not read the data term at all
     assert raw["no_data_term_ratio"] == pytest.approx(1.0, abs=0.01) and raw["other_y_ratio"] == pytest.approx(1.0, abs=0.01)
     gauss_newton_x0 = float((test.x0.double() - test.x.double()).square().mean())

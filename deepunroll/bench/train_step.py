@@ -1,12 +1,15 @@
 """One EIT training step at published size, data-fit gradients our way vs the authors' way.
 
-python scripts/bench.py train_step [--h0 0.1] [--n-iter 20] [--batch 2] [--epoch-samples 400] [--direction raw]
+python scripts/bench.py train_step [--h0 0.1] [--n-iter 20] [--batch 8] [--epoch-samples 400] [--direction raw]
+                                   [--profile-steps 3] [--top 12]
 
 Ours: `EIT.misfit_grad` (one factorisation per sample, adjoint vjp, batched).
 Authors' way: pyEIT `compute_jac` per sample per iterate (NumPy), then J^T r — what their
 LPGD-RMA scripts did for every iterate of every sample. Both feed the same LPGD-RMA network.
 ``--direction`` (raw | scaled | gauss_newton) sets the data-fit signal of ours (net.direction); the
 authors' way is always their raw gradient, so the ratio compares paths only with ``raw``.
+Then (ours): one timed epoch, its physics floor (the epoch's misfit gradients alone, n_iter per sample, at
+the same batch) and the ``--top`` entries of a torch.profiler table over ``--profile-steps`` steps.
 """
 
 from __future__ import annotations
@@ -66,13 +69,15 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench.py train_step", description=__doc__.splitlines()[0])
     parser.add_argument("--h0", type=float, default=0.1)
     parser.add_argument("--n-iter", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epoch-samples", type=int, default=400, help="samples in the timed epoch (ours); 0 skips it")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where ours runs (pyEIT: CPU)")
     parser.add_argument("--direction", default="raw", choices=list(KINDS), help="net.direction of ours")
     parser.add_argument("--damping", type=float, default=1e-3, help="net.direction_damping (gauss_newton)")
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler (0: no profile)")
+    parser.add_argument("--top", type=int, default=12, help="profile rows printed (by self time)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,17 +108,40 @@ def main(argv: list[str]) -> None:
     for label, value in results.items():
         print(f"  {label:<46} {value:8.3f} s per training step")
     print(f"  ratio (authors' way / ours): {theirs_s / ours_s:.1f}x")
+    torch.manual_seed(0)
+    model = build_model(ours_cfg, OmegaConf.create(ACCEL), ours).to(device)
+    model.step.float(), model.accelerator.float()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    y, x0, x = y.to(device), x0.to(device), x.to(device)
     if args.epoch_samples:
-        torch.manual_seed(0)
-        model = build_model(ours_cfg, OmegaConf.create(ACCEL), ours).to(device)
-        model.step.float(), model.accelerator.float()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        y, x0, x = y.to(device), x0.to(device), x.to(device)
         start = time.perf_counter()
         for i in range(0, args.epoch_samples, args.batch):
             sl = slice(i, i + args.batch)
             training_step(model, optimizer, y[sl], x0[sl], x[sl])
         _sync()
         epoch = time.perf_counter() - start
+        steps = -(-args.epoch_samples // args.batch)
+        physics = seconds(lambda: ours.to(device).misfit_grad(x[: args.batch], y[: args.batch]), args.repeats)
+        floor = physics * args.n_iter * steps
         print(f"  one epoch, {args.epoch_samples} samples at batch {args.batch} (ours): {epoch:.1f} s; "
               f"authors' way extrapolated: {epoch * theirs_s / ours_s / 60:.1f} min")
+        print(f"  physics floor of that epoch ({args.n_iter} x {steps} misfit gradients at batch {args.batch}, "
+              f"{physics * 1e3:.2f} ms each): {floor:.1f} s ({100 * floor / epoch:.0f} % of the epoch)")
+    if args.profile_steps:
+        print_profile(lambda: training_step(model, optimizer, y[: args.batch], x0[: args.batch], x[: args.batch]),
+                      args.profile_steps, args.top, device)
+
+
+def print_profile(step, n_steps: int, top: int, device: torch.device) -> None:
+    """torch.profiler over ``n_steps`` calls of ``step`` (after one warm-up): the ``top`` operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n_steps):
+            step()
+        _sync()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"  torch.profiler, {n_steps} training steps (ours), top {top} by self time:")
+    print(prof.key_averages().table(sort_by=key, row_limit=top))
