@@ -146,8 +146,6 @@ class EIT(ForwardOperator):
             "asm_slot_flat": slot_flat,
             "el_nodes": geometry.el_pos[plan.active],
             "transfer": plan.transfer_matrix(),
-            "row_sources": plan.row_vectors()[0],
-            "row_probes": plan.row_vectors()[1],
         }
         for name, array in arrays.items():
             tensor = torch.as_tensor(array)
@@ -269,7 +267,7 @@ class EIT(ForwardOperator):
     def jacobian_from_fields(self, fields: torch.Tensor) -> torch.Tensor:
         """dV/dsigma (B, n_meas, E) from the fields."""
         grads = fem.field_gradients(fields, self.gradient_ops, self.elements)
-        return fem.measurement_jacobian(grads, self.row_sources, self.row_probes)
+        return fem.measurement_jacobian(grads, self.transfer)
 
     def reference_point(self) -> torch.Tensor:
         """Unit conductivity everywhere (1, n_elems): the phantoms' and Gauss-Newton's background."""

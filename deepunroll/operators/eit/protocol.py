@@ -104,18 +104,6 @@ class MeasurementPlan:
     def n_meas(self) -> int:
         return self.abmn.shape[0]
 
-    def row_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(sources, probes), each (n_act, n_meas): e_a - e_b and e_n - e_m per row, over `active`."""
-        local = np.searchsorted(self.active, self.abmn)
-        rows = np.arange(self.n_meas)
-        vectors = []
-        for plus, minus in ((local[:, 0], local[:, 1]), (local[:, 2], local[:, 3])):
-            vec = np.zeros((self.active.shape[0], self.n_meas))
-            np.add.at(vec, (plus, rows), 1.0)
-            np.add.at(vec, (minus, rows), -1.0)
-            vectors.append(vec)
-        return vectors[0], vectors[1]
-
     def transfer_matrix(self) -> np.ndarray:
         """C (n_meas, n_act * n_act) with V = C vec(R), R[j, l] = potential at active electrode j
         for a unit current into active electrode l (grounded at the reference node):
