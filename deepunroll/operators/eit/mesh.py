@@ -33,6 +33,47 @@ def build_disk_mesh(n_electrodes: int = 16, h0: float = 0.1) -> PyEITMesh:
         np.random.set_state(state)
 
 
+def build_electrode_disk_mesh(n_electrodes: int, h0: float, width: float, first_angle: float = np.pi / 2,
+                              radius: float = 1.0) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """A disk mesh whose boundary follows the electrodes: (nodes (N, 2), elements (E, 3) CCW, faces).
+
+    Electrode l is the arc of angular ``width`` (rad) centred at ``first_angle + 2 pi l / n_electrodes``
+    (counter-clockwise); its end points and points at most h0 apart along it are fixed nodes of pyEIT's
+    distmesh (h0 in disk radii), and faces[l] (k, 2) lists its boundary segments. Coordinates are scaled
+    by ``radius`` (e.g. 0.115 m for the KTC2023 tank).
+    """
+    n_electrodes, h0, width = int(n_electrodes), float(h0), float(width)
+    if n_electrodes < 2 or not 0 < width < 2 * np.pi / n_electrodes:
+        raise ValueError(f"electrode mesh: need >= 2 electrodes narrower than their spacing, got {n_electrodes} "
+                         f"of width {width} rad")
+    if not 0.0 < h0 <= 0.5:
+        raise ValueError(f"h0 (mesh size, in disk radii) must be in (0, 0.5], got {h0}")
+    centres = first_angle + 2 * np.pi * np.arange(n_electrodes) / n_electrodes
+    per_arc = max(2, int(np.ceil(width / h0)) + 1)
+    offsets = np.linspace(-width / 2, width / 2, per_arc)
+    angles = (centres[:, None] + offsets[None, :]).reshape(-1)
+    fixed = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    state = np.random.get_state()
+    try:
+        np.random.seed(0)
+        mesh = pyeit.mesh.create(n_electrodes, h0=h0, p_fix=fixed)
+    finally:
+        np.random.set_state(state)
+    nodes, elements = np.ascontiguousarray(mesh.node[:, :2]), np.ascontiguousarray(mesh.element, dtype=np.int64)
+    edges = np.sort(elements[:, [[0, 1], [1, 2], [2, 0]]].reshape(-1, 2), axis=1)
+    unique, counts = np.unique(edges, axis=0, return_counts=True)
+    boundary = unique[counts == 1]
+    theta = np.arctan2(nodes[:, 1], nodes[:, 0])
+    faces = []
+    for centre in centres:
+        offset = np.angle(np.exp(1j * (theta[boundary] - centre)))  # (k, 2) angles from the centre
+        inside = np.all(np.abs(offset) <= width / 2 + 1e-9, axis=1)
+        if not inside.any():
+            raise ValueError(f"electrode mesh: no boundary segment on the electrode at {centre:.3f} rad (h0 too large?)")
+        faces.append(boundary[inside])
+    return nodes * float(radius), elements, faces
+
+
 @dataclass(frozen=True)
 class MeshGeometry:
     """Plain arrays describing a 2D triangle mesh with point electrodes.

@@ -1,0 +1,207 @@
+"""The complete electrode model (CEM) of EIT: electrodes of finite width with contact impedance.
+
+Model (Somersalo, Cheney and Isaacson, SIAM J. Appl. Math. 52, 1992), on a 2D domain with P1 elements:
+
+    -div(sigma grad u) = 0,   u + z_l sigma du/dn = U_l on electrode e_l,   sigma du/dn = 0 between electrodes,
+    integral over e_l of sigma du/dn = I_l,
+
+with conductivity sigma per element (S/m), contact impedances z_l (Ohm m^2, per unit depth in 2D), currents
+I (A, per column of the injection matrix, summing to zero) and electrode potentials U (V). The weak form is
+the symmetric system A(sigma, z) [u; U] = [0; I] over the N nodes and L electrodes,
+
+    A = [[K(sigma) + sum_l M_l / z_l, -s_l / z_l], [-s_l^T / z_l, |e_l| / z_l]],
+
+with M_l the boundary mass matrix of e_l (integrals of phi_i phi_j), s_l the integrals of phi_i over e_l and
+|e_l| its length. Ground: the last electrode's potential is 0 (its row and column replaced by the identity);
+since every injection and every measurement pattern sums to zero, the measurements do not depend on that
+choice. A measurement of injection i is ``measurements[:, m]^T U^(i)``; outputs are injection-major
+(B, n_inj * n_meas), the KTC2023 order.
+
+The stiffness part reuses the point-electrode operator's assembly (:func:`fem.assembly_indices` layout and
+:func:`fem.assemble_values`); the solve is the batched sparse Cholesky of :mod:`deepunroll.optim.sparse_cholesky`
+with the electrode unknowns eliminated last. Gradients: ``forward`` is differentiable in sigma (and, through
+:meth:`CompleteElectrodeModel.voltages`, in z) by the adjoint of the solve; ``jacobian`` uses the fields of
+the injection and measurement patterns, dV_(i,m)/dsigma_e = -(D_e u_i) . (D_e w_m).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from deepunroll.operators.base import ForwardOperator
+from deepunroll.operators.eit import fem
+from deepunroll.operators.eit.mesh import scaled_edges, signed_areas
+from deepunroll.operators.eit.solver import LEAF_SIZE
+from deepunroll.optim.ordering import nested_dissection
+from deepunroll.optim.sparse_cholesky import SparseCholesky
+
+_DTYPE = torch.float64
+_JACOBIAN_CHUNK_BYTES = 64 << 20
+
+
+def electrode_plan(nodes: np.ndarray, elements: np.ndarray, faces: list[np.ndarray]):
+    """Assembly plan of A(sigma, z) over the parameters p = [sigma (E), 1/z (L), 1]: (entry_slot, entry_owner,
+    entry_value, slot_flat) as :func:`fem.assembly_indices` returns them, for the (N + L) x (N + L) matrix
+    with the last electrode grounded. faces[l]: (k, 2) node pairs of electrode l's boundary segments."""
+    n_nodes, n_elems, n_el = nodes.shape[0], elements.shape[0], len(faces)
+    size = n_nodes + n_el
+    edges = scaled_edges(nodes, elements)
+    local = edges @ edges.transpose(0, 2, 1)
+    rows = [np.repeat(elements[:, :, None], 3, axis=2).reshape(-1)]
+    cols = [np.repeat(elements[:, None, :], 3, axis=1).reshape(-1)]
+    owner = [np.repeat(np.arange(n_elems), 9)]
+    value = [local.reshape(-1)]
+    for l, pairs in enumerate(faces):
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        length = np.linalg.norm(nodes[pairs[:, 0]] - nodes[pairs[:, 1]], axis=1)
+        a, b, el = pairs[:, 0], pairs[:, 1], n_nodes + l
+        # boundary mass (h/3 on the diagonal, h/6 off it), coupling -h/2 per end node, |e_l| on the diagonal
+        r = np.concatenate([a, b, a, b, a, b, np.full_like(a, el), np.full_like(b, el), [el]])
+        c = np.concatenate([a, b, b, a, np.full_like(a, el), np.full_like(b, el), a, b, [el]])
+        v = np.concatenate([length / 3, length / 3, length / 6, length / 6] + [-length / 2] * 4 + [[length.sum()]])
+        rows.append(r), cols.append(c), value.append(v), owner.append(np.full(r.size, n_elems + l))
+    rows, cols, owner, value = (np.concatenate(x) for x in (rows, cols, owner, value))
+    ground = size - 1
+    keep = (rows != ground) & (cols != ground)
+    flat = np.append((rows * size + cols)[keep], ground * size + ground)
+    owner = np.append(owner[keep], n_elems + n_el)
+    value = np.append(value[keep], 1.0)
+    slot_flat, slot = np.unique(flat, return_inverse=True)
+    return slot.astype(np.int64), owner.astype(np.int64), value, slot_flat.astype(np.int64)
+
+
+class CompleteElectrodeModel(ForwardOperator):
+    """CEM forward map sigma (B, E) -> electrode voltages (B, n_inj * n_meas), float64 physics, batched.
+
+    nodes (N, 2) in metres (or any unit: sigma and z scale with it); elements (E, 3) CCW triangles;
+    electrode_faces: per electrode, its boundary segments as (k, 2) node pairs; injections (L, n_inj) currents
+    (A), each column summing to 0; measurements (L, n_meas) patterns, each column summing to 0 (e.g. +1 at
+    electrode m, -1 at m + 1); contact_impedance: z > 0, one value or one per electrode.
+    """
+
+    def __init__(self, nodes, elements, electrode_faces, injections, measurements, contact_impedance=1e-6,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        nodes = np.ascontiguousarray(nodes, dtype=np.float64)
+        elements = np.ascontiguousarray(elements, dtype=np.int64)
+        injections = np.asarray(injections, dtype=np.float64)
+        measurements = np.asarray(measurements, dtype=np.float64)
+        n_el = len(electrode_faces)
+        _check_geometry(nodes, elements, electrode_faces)
+        for name, pattern in (("injections", injections), ("measurements", measurements)):
+            if pattern.ndim != 2 or pattern.shape[0] != n_el:
+                raise ValueError(f"CEM: {name} must be (n_electrodes={n_el}, k), got shape {pattern.shape}")
+            if np.abs(pattern.sum(axis=0)).max() > 1e-9 * max(1.0, np.abs(pattern).max()):
+                raise ValueError(f"CEM: every column of {name} must sum to 0 (currents are conserved, voltages "
+                                 "are differences)")
+        z = np.broadcast_to(np.asarray(contact_impedance, dtype=np.float64), (n_el,)).copy()
+        if not np.all(np.isfinite(z)) or z.min() <= 0:
+            raise ValueError(f"CEM: contact_impedance must be positive and finite, got min {z.min()}")
+        self.n_nodes, self.n_electrodes = nodes.shape[0], n_el
+        self.n_inj, self.n_meas_per = injections.shape[1], measurements.shape[1]
+        self.in_shape, self.out_shape = (elements.shape[0],), (self.n_inj * self.n_meas_per,)
+        entry_slot, entry_owner, entry_value, slot_flat = electrode_plan(nodes, elements, electrode_faces)
+        size = self.n_nodes + n_el
+        rows, cols = slot_flat // size, slot_flat % size
+        pattern = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(size, size))
+        coords = np.concatenate([nodes, np.zeros((n_el, 2))])
+        tree = nested_dissection(pattern, coords, leaf_size=LEAF_SIZE, last=np.arange(self.n_nodes, size))
+        self.cholesky = SparseCholesky(rows, cols, size, tree)
+        grounded = np.concatenate([injections, measurements], axis=1)
+        grounded[-1] = 0.0  # the grounded electrode's equation is U_L = 0
+        arrays = {
+            "elements": elements, "nodes": nodes, "contact_impedance": z,
+            "asm_entry_slot": entry_slot, "asm_entry_owner": entry_owner, "asm_entry_value": entry_value,
+            "asm_slot_flat": slot_flat, "patterns": grounded, "measurements": measurements,
+            "gradient_ops": fem.gradient_operators(scaled_edges(nodes, elements), elements, -1),
+        }
+        for name, array in arrays.items():
+            tensor = torch.as_tensor(np.ascontiguousarray(array))
+            self.register_buffer(name, tensor.to(_DTYPE) if tensor.is_floating_point() else tensor.long(),
+                                 persistent=False)
+        self.to(device if device is not None else "cpu")
+
+    def _apply(self, fn, recurse=True):
+        """Module.to / .cuda also move the symbolic factorisation."""
+        out = super()._apply(fn, recurse)
+        self.cholesky.to(self.nodes.device)
+        return out
+
+    def metadata(self) -> dict:
+        return {"operator": "cem", "n_nodes": self.n_nodes, "n_elems": self.in_shape[0],
+                "n_electrodes": self.n_electrodes, "n_inj": self.n_inj, "n_meas": self.n_meas_per,
+                "contact_impedance": self.contact_impedance.tolist()}
+
+    def reference_point(self) -> torch.Tensor:
+        return torch.ones((1, self.in_shape[0]), dtype=_DTYPE, device=self.nodes.device)
+
+    # ------------------------------------------------------------ physics
+    def _inputs(self, sigma: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_input(sigma, "sigma")
+        sigma64 = sigma.to(_DTYPE)
+        z64 = (self.contact_impedance if z is None else torch.as_tensor(z, dtype=_DTYPE, device=sigma.device))
+        z64 = z64.expand(sigma.shape[0], self.n_electrodes)
+        for name, t in (("sigma", sigma64), ("contact impedance", z64)):
+            bad = ~(torch.isfinite(t) & (t > 0))
+            if bool(bad.any()):
+                raise ValueError(f"CEM: {name} must be positive and finite; {int(bad.sum())} entries are not "
+                                 f"(min {float(t.detach().min()):.3g})")
+        return sigma64, z64
+
+    def _values(self, sigma64: torch.Tensor, z64: torch.Tensor) -> torch.Tensor:
+        plan = (self.asm_entry_slot, self.asm_entry_owner, self.asm_entry_value, self.asm_slot_flat)
+        return fem.assemble_values(torch.cat([sigma64, 1.0 / z64], dim=1), plan)
+
+    def _solve(self, sigma64: torch.Tensor, z64: torch.Tensor) -> torch.Tensor:
+        """[u; U] for every injection and measurement pattern: (B, N + L, n_inj + n_meas), differentiable."""
+        values = self._values(sigma64, z64)
+        rhs = torch.zeros(sigma64.shape[0], self.n_nodes, self.patterns.shape[1], dtype=_DTYPE,
+                          device=sigma64.device)
+        rhs = torch.cat([rhs, self.patterns.expand(sigma64.shape[0], -1, -1)], dim=1)
+        factor = self.cholesky.factor(values)
+        if not bool(factor.ok.all()):
+            raise ValueError("CEM: the system is not positive definite (check sigma > 0 and z > 0)")
+        if torch.is_grad_enabled() and values.requires_grad:
+            return self.cholesky.solve(values, rhs, factor)
+        return factor.solve(rhs)
+
+    def voltages(self, sigma: torch.Tensor, contact_impedance: torch.Tensor | None = None) -> torch.Tensor:
+        """Measured voltages (B, n_inj * n_meas), injection-major, for sigma (B, E) and optionally per-sample
+        contact impedances (B, L) or (L,) (default: the operator's); differentiable in both."""
+        sigma64, z64 = self._inputs(sigma, contact_impedance)
+        potentials = self._solve(sigma64, z64)[:, self.n_nodes:, : self.n_inj]  # (B, L, n_inj)
+        return (potentials.transpose(1, 2) @ self.measurements).flatten(1)
+
+    def _forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.voltages(sigma).to(sigma.dtype)
+
+    def _jacobian(self, sigma: torch.Tensor) -> torch.Tensor:
+        per_sample = 8 * self.n_out * self.in_shape[0]
+        size = max(1, _JACOBIAN_CHUNK_BYTES // per_sample)
+        return torch.cat([self._jacobian_chunk(part) for part in sigma.split(size)]).to(sigma.dtype)
+
+    def _jacobian_chunk(self, sigma: torch.Tensor) -> torch.Tensor:
+        sigma64, z64 = self._inputs(sigma, None)
+        with torch.no_grad():
+            fields = self._solve(sigma64, z64)[:, : self.n_nodes]
+            grads = fem.field_gradients(fields, self.gradient_ops, self.elements)  # (B, E, 2, n_inj + n_meas)
+            inj, meas = grads[..., : self.n_inj], grads[..., self.n_inj:]
+            jac = -torch.einsum("bedi,bedm->bime", inj, meas)
+        return jac.reshape(sigma.shape[0], self.n_out, -1)
+
+
+def _check_geometry(nodes: np.ndarray, elements: np.ndarray, faces) -> None:
+    if nodes.ndim != 2 or nodes.shape[1] != 2:
+        raise ValueError(f"CEM: nodes must be (N, 2), got shape {nodes.shape}")
+    if elements.ndim != 2 or elements.shape[1] != 3 or elements.min() < 0 or elements.max() >= nodes.shape[0]:
+        raise ValueError(f"CEM: elements must be (E, 3) indices into the {nodes.shape[0]} nodes")
+    if np.any(signed_areas(nodes, elements) <= 0):
+        raise ValueError("CEM: every triangle must be counter-clockwise with positive area")
+    if len(faces) < 2:
+        raise ValueError(f"CEM: at least 2 electrodes are needed, got {len(faces)}")
+    for l, pairs in enumerate(faces):
+        pairs = np.asarray(pairs).reshape(-1, 2)
+        if pairs.size == 0 or pairs.min() < 0 or pairs.max() >= nodes.shape[0]:
+            raise ValueError(f"CEM: electrode {l} needs at least one boundary segment of node indices")
