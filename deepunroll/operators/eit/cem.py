@@ -154,12 +154,12 @@ class CompleteElectrodeModel(ForwardOperator):
         plan = (self.asm_entry_slot, self.asm_entry_owner, self.asm_entry_value, self.asm_slot_flat)
         return fem.assemble_values(torch.cat([sigma64, 1.0 / z64], dim=1), plan)
 
-    def _solve(self, sigma64: torch.Tensor, z64: torch.Tensor) -> torch.Tensor:
-        """[u; U] for every injection and measurement pattern: (B, N + L, n_inj + n_meas), differentiable."""
+    def _solve(self, sigma64: torch.Tensor, z64: torch.Tensor, columns: slice) -> torch.Tensor:
+        """[u; U] for the pattern ``columns`` (injections first, then measurements): (B, N + L, k),
+        differentiable in sigma and z by the adjoint of the solve."""
         values = self._values(sigma64, z64)
-        rhs = torch.zeros(sigma64.shape[0], self.n_nodes, self.patterns.shape[1], dtype=_DTYPE,
-                          device=sigma64.device)
-        rhs = torch.cat([rhs, self.patterns.expand(sigma64.shape[0], -1, -1)], dim=1)
+        patterns = self.patterns[:, columns]
+        rhs = torch.cat([patterns.new_zeros(self.n_nodes, patterns.shape[1]), patterns]).expand(sigma64.shape[0], -1, -1)
         factor = self.cholesky.factor(values)
         if not bool(factor.ok.all()):
             raise ValueError("CEM: the system is not positive definite (check sigma > 0 and z > 0)")
@@ -167,12 +167,28 @@ class CompleteElectrodeModel(ForwardOperator):
             return self.cholesky.solve(values, rhs, factor)
         return factor.solve(rhs)
 
+    def chunk_size(self) -> int:
+        """Samples per solve call: ~6 MB of factor on CPU (>= 2 samples), ~256 MB on accelerators."""
+        per_sample = 8 * self.cholesky.factor_entries
+        budget = (6 << 20) if self.nodes.device.type == "cpu" else (256 << 20)
+        return max(2, budget // per_sample)
+
     def voltages(self, sigma: torch.Tensor, contact_impedance: torch.Tensor | None = None) -> torch.Tensor:
         """Measured voltages (B, n_inj * n_meas), injection-major, for sigma (B, E) and optionally per-sample
         contact impedances (B, L) or (L,) (default: the operator's); differentiable in both."""
         sigma64, z64 = self._inputs(sigma, contact_impedance)
-        potentials = self._solve(sigma64, z64)[:, self.n_nodes:, : self.n_inj]  # (B, L, n_inj)
-        return (potentials.transpose(1, 2) @ self.measurements).flatten(1)
+        parts = [self._solve(s, z, slice(0, self.n_inj))[:, self.n_nodes:]
+                 for s, z in zip(sigma64.split(self.chunk_size()), z64.split(self.chunk_size()))]
+        return (torch.cat(parts).transpose(1, 2) @ self.measurements).flatten(1)  # (B, n_inj, L) @ (L, n_meas)
+
+    def misfit_grad(self, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """J^T (F(sigma) - y) (B, E) from one forward solve and its adjoint (same factorisation)."""
+        self.check_input(y, "y", self.out_shape)
+        with torch.enable_grad():
+            sigma_in = sigma.detach().to(_DTYPE).requires_grad_()
+            residual = self.voltages(sigma_in) - y.to(_DTYPE)
+            (grad,) = torch.autograd.grad(0.5 * residual.square().sum(), sigma_in)
+        return grad.to(sigma.dtype)
 
     def _forward(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.voltages(sigma).to(sigma.dtype)
@@ -185,7 +201,7 @@ class CompleteElectrodeModel(ForwardOperator):
     def _jacobian_chunk(self, sigma: torch.Tensor) -> torch.Tensor:
         sigma64, z64 = self._inputs(sigma, None)
         with torch.no_grad():
-            fields = self._solve(sigma64, z64)[:, : self.n_nodes]
+            fields = self._solve(sigma64, z64, slice(None))[:, : self.n_nodes]
             grads = fem.field_gradients(fields, self.gradient_ops, self.elements)  # (B, E, 2, n_inj + n_meas)
             inj, meas = grads[..., : self.n_inj], grads[..., self.n_inj:]
             jac = -torch.einsum("bedi,bedm->bime", inj, meas)
