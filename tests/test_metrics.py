@@ -1,6 +1,7 @@
 """Metrics on hand-made cases and PSNR against scikit-image."""
 
 import numpy as np
+import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio
 
@@ -61,3 +62,31 @@ def test_mesh_ssim_matches_an_element_loop():
                           / ((a.mean() ** 2 + t.mean() ** 2 + c1) * (a.var() + t.var() + c2)))
         np.testing.assert_allclose(ours[b], np.mean(values), rtol=1e-12)
     assert MeshSSIM(torch.from_numpy(elements))(torch.from_numpy(x), torch.from_numpy(x)).tolist() == [1.0, 1.0]
+
+
+def _disc_map(cx: int, cy: int, radius: int, value: int, image=None):
+    image = np.zeros((256, 256)) if image is None else image
+    yy, xx = np.mgrid[:256, :256]
+    image[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = value
+    return image
+
+
+def test_ktc_score_hand_cases():
+    """Identical maps score 1; a class absent from both maps scores 1 for that class (so an empty map against an
+    empty truth is 1, and against a truth with one class 0.5 + its term); swapping the classes scores lower; a
+    map of another size scores 0 (the challenge's rules)."""
+    from deepunroll.metrics import ktc_score
+
+    truth = _disc_map(80, 100, 25, 1, _disc_map(170, 150, 30, 2))
+    assert ktc_score(truth, truth) == pytest.approx(1.0, abs=1e-12)
+    assert ktc_score(np.zeros((256, 256)), np.zeros((256, 256))) == pytest.approx(1.0, abs=1e-12)
+    resistive_only = _disc_map(80, 100, 25, 1)
+    half = ktc_score(resistive_only, np.zeros((256, 256)))
+    assert half == pytest.approx(0.50971, abs=1e-5)  # conductive term 1 (absent in both), resistive term 0.0194
+    swapped = np.where(truth == 1, 2, np.where(truth == 2, 1, 0))
+    shifted = _disc_map(90, 100, 25, 1, _disc_map(160, 150, 30, 2))
+    assert ktc_score(truth, swapped) == pytest.approx(-0.01838, abs=1e-5)  # measured
+    assert ktc_score(truth, shifted) == pytest.approx(0.75234, abs=1e-5)   # measured: 10 px shifts
+    assert ktc_score(truth, truth[:255, :255]) == 0.0
+    # values within 0.1 of a class count as that class
+    assert ktc_score(truth, truth + 0.05) == pytest.approx(1.0, abs=1e-12)
