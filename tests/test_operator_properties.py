@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from deepunroll.operators.blur import VolterraBlur2d
 from deepunroll.operators.eit import EIT
+from deepunroll.operators.eit.cem import CompleteElectrodeModel
+from deepunroll.operators.eit.mesh import build_electrode_disk_mesh
 from deepunroll.operators.toy import NonlinearConv1d
 
 DTYPES = st.sampled_from([torch.float32, torch.float64])
@@ -42,6 +44,23 @@ def eit_operators():
     return st.integers(0, 2).map(eit_operator)
 
 
+@cache
+def cem_operator(setting: int) -> CompleteElectrodeModel:
+    """Complete electrode model on small meshes: 8 electrodes with adjacent injections and measurements, one
+    contact impedance or one per electrode."""
+    n_el, h0 = (8, 0.3) if setting == 0 else (6, 0.35)
+    nodes, elements, faces = build_electrode_disk_mesh(n_el, h0, 0.3)
+    eye = torch.eye(n_el, dtype=torch.float64)
+    inj = (eye - eye.roll(1, dims=0)).numpy()  # column l: +1 A at l, -1 A at l + 1
+    meas = inj[:, :-1]                         # column m: U_m - U_(m+1)
+    z = 0.1 if setting == 0 else [0.05 * (l + 1) for l in range(n_el)]
+    return CompleteElectrodeModel(nodes, elements, faces, inj, meas, z)
+
+
+def cem_operators():
+    return st.integers(0, 1).map(cem_operator)
+
+
 def any_real(shape, gen):
     return torch.randn(*shape, generator=gen)
 
@@ -52,7 +71,7 @@ def conductivities(shape, gen):
 
 # name -> (operator strategy, input sampler (shape, generator) -> x)
 OPERATORS = {"toy": (toy_operators(), any_real), "blur2d": (blur_operators(), any_real),
-             "eit": (eit_operators(), conductivities)}
+             "eit": (eit_operators(), conductivities), "cem": (cem_operators(), conductivities)}
 CHECKS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
