@@ -30,7 +30,6 @@ def test_empty_tank_calibration():
     """One background conductivity and one contact impedance fitted to ref.mat on the sparse mesh (P1, element
     conductivity). Measured: sigma 0.7268, z 2.88e-5, relative residual 0.0748 in 24 L-BFGS iterations (Denker
     et al. fit 0.745 with the organisers' quadratic-element model)."""
-    torch.set_num_threads(1)
     op = ktc_operator(ROOT, "sparse")
     ref = load_measurement(ROOT / "training" / "ref.mat")
     fit = fit_background(op, torch.as_tensor(ref["uel"]))
