@@ -121,7 +121,7 @@ def main(argv: list[str]) -> None:
         _sync()
         epoch = time.perf_counter() - start
         steps = -(-args.epoch_samples // args.batch)
-        physics = seconds(lambda: ours.to(device).misfit_grad(x[: args.batch], y[: args.batch]), args.repeats)
+        physics = seconds(lambda: ours.misfit_grad(x[: args.batch], y[: args.batch]), args.repeats)  # ours moved with the model
         floor = physics * args.n_iter * steps
         print(f"  one epoch, {args.epoch_samples} samples at batch {args.batch} (ours): {epoch:.1f} s; "
               f"authors' way extrapolated: {epoch * theirs_s / ours_s / 60:.1f} min")

@@ -87,6 +87,14 @@ class SparseCholesky:
         """Stored entries of one sample's factor (padded fronts' L11^{-1} and L21 L11^{-1}): 8x this in bytes."""
         return sum(lv.n_fronts * (lv.p * lv.p + lv.b * lv.p) for lv in self.levels)
 
+    def chunk_size(self, device: torch.device) -> int:
+        """Samples per factorisation call that keep the factor cache-sized: ~6 MB on CPU (>= 2 samples),
+        ~256 MB on accelerators (bounds memory, keeps the batch parallel)."""
+        per_sample = 8 * self.factor_entries
+        if device.type == "cpu":
+            return max(2, (6 << 20) // per_sample)
+        return max(1, (256 << 20) // per_sample)
+
     def factor(self, values: torch.Tensor) -> "Factor":
         """Numeric factorisation of a batch: values (B, nnz) -> :class:`Factor` (no autograd)."""
         if values.dim() != 2 or values.shape[1] != self.nnz:

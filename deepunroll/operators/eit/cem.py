@@ -32,7 +32,7 @@ import torch
 
 from deepunroll.operators.base import ForwardOperator
 from deepunroll.operators.eit import fem
-from deepunroll.operators.eit.mesh import scaled_edges, signed_areas
+from deepunroll.operators.eit.mesh import check_triangles, scaled_edges
 from deepunroll.operators.eit.solver import LEAF_SIZE
 from deepunroll.optim.ordering import nested_dissection
 from deepunroll.optim.sparse_cholesky import SparseCholesky
@@ -46,13 +46,7 @@ def electrode_plan(nodes: np.ndarray, elements: np.ndarray, faces: list[np.ndarr
     entry_value, slot_flat) as :func:`fem.assembly_indices` returns them, for the (N + L) x (N + L) matrix
     with the last electrode grounded. faces[l]: (k, 2) node pairs of electrode l's boundary segments."""
     n_nodes, n_elems, n_el = nodes.shape[0], elements.shape[0], len(faces)
-    size = n_nodes + n_el
-    edges = scaled_edges(nodes, elements)
-    local = edges @ edges.transpose(0, 2, 1)
-    rows = [np.repeat(elements[:, :, None], 3, axis=2).reshape(-1)]
-    cols = [np.repeat(elements[:, None, :], 3, axis=1).reshape(-1)]
-    owner = [np.repeat(np.arange(n_elems), 9)]
-    value = [local.reshape(-1)]
+    rows, cols, owner, value = ([part] for part in fem.stiffness_entries(nodes, elements))
     for l, pairs in enumerate(faces):
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         length = np.linalg.norm(nodes[pairs[:, 0]] - nodes[pairs[:, 1]], axis=1)
@@ -62,14 +56,8 @@ def electrode_plan(nodes: np.ndarray, elements: np.ndarray, faces: list[np.ndarr
         c = np.concatenate([a, b, b, a, np.full_like(a, el), np.full_like(b, el), a, b, [el]])
         v = np.concatenate([length / 3, length / 3, length / 6, length / 6] + [-length / 2] * 4 + [[length.sum()]])
         rows.append(r), cols.append(c), value.append(v), owner.append(np.full(r.size, n_elems + l))
-    rows, cols, owner, value = (np.concatenate(x) for x in (rows, cols, owner, value))
-    ground = size - 1
-    keep = (rows != ground) & (cols != ground)
-    flat = np.append((rows * size + cols)[keep], ground * size + ground)
-    owner = np.append(owner[keep], n_elems + n_el)
-    value = np.append(value[keep], 1.0)
-    slot_flat, slot = np.unique(flat, return_inverse=True)
-    return slot.astype(np.int64), owner.astype(np.int64), value, slot_flat.astype(np.int64)
+    size = n_nodes + n_el
+    return fem.grounded_plan(*(np.concatenate(x) for x in (rows, cols, owner, value)), size, size - 1, n_elems + n_el)
 
 
 class CompleteElectrodeModel(ForwardOperator):
@@ -167,18 +155,13 @@ class CompleteElectrodeModel(ForwardOperator):
             return self.cholesky.solve(values, rhs, factor)
         return factor.solve(rhs)
 
-    def chunk_size(self) -> int:
-        """Samples per solve call: ~6 MB of factor on CPU (>= 2 samples), ~256 MB on accelerators."""
-        per_sample = 8 * self.cholesky.factor_entries
-        budget = (6 << 20) if self.nodes.device.type == "cpu" else (256 << 20)
-        return max(2, budget // per_sample)
-
     def voltages(self, sigma: torch.Tensor, contact_impedance: torch.Tensor | None = None) -> torch.Tensor:
         """Measured voltages (B, n_inj * n_meas), injection-major, for sigma (B, E) and optionally per-sample
         contact impedances (B, L) or (L,) (default: the operator's); differentiable in both."""
         sigma64, z64 = self._inputs(sigma, contact_impedance)
+        size = self.cholesky.chunk_size(sigma64.device)
         parts = [self._solve(s, z, slice(0, self.n_inj))[:, self.n_nodes:]
-                 for s, z in zip(sigma64.split(self.chunk_size()), z64.split(self.chunk_size()))]
+                 for s, z in zip(sigma64.split(size), z64.split(size))]
         return (torch.cat(parts).transpose(1, 2) @ self.measurements).flatten(1)  # (B, n_inj, L) @ (L, n_meas)
 
     def misfit_grad(self, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -211,10 +194,9 @@ class CompleteElectrodeModel(ForwardOperator):
 def _check_geometry(nodes: np.ndarray, elements: np.ndarray, faces) -> None:
     if nodes.ndim != 2 or nodes.shape[1] != 2:
         raise ValueError(f"CEM: nodes must be (N, 2), got shape {nodes.shape}")
-    if elements.ndim != 2 or elements.shape[1] != 3 or elements.min() < 0 or elements.max() >= nodes.shape[0]:
-        raise ValueError(f"CEM: elements must be (E, 3) indices into the {nodes.shape[0]} nodes")
-    if np.any(signed_areas(nodes, elements) <= 0):
-        raise ValueError("CEM: every triangle must be counter-clockwise with positive area")
+    if elements.ndim != 2 or elements.shape[1] != 3:
+        raise ValueError(f"CEM: elements must be (E, 3) node indices, got shape {elements.shape}")
+    check_triangles(nodes, elements)
     if len(faces) < 2:
         raise ValueError(f"CEM: at least 2 electrodes are needed, got {len(faces)}")
     for l, pairs in enumerate(faces):

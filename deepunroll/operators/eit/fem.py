@@ -20,6 +20,29 @@ import torch
 from deepunroll.operators.eit.mesh import scaled_edges
 
 
+def stiffness_entries(nodes: np.ndarray, elements: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The 9 local entries of every element stiffness matrix at unit conductivity, as flat arrays
+    (rows, cols, owner = element index, value = K_e[i, j]), each (9 E,)."""
+    edges = scaled_edges(nodes, elements)
+    local = edges @ edges.transpose(0, 2, 1)  # (E, 3, 3) element stiffness at sigma = 1
+    rows = np.repeat(elements[:, :, None], 3, axis=2).reshape(-1)
+    cols = np.repeat(elements[:, None, :], 3, axis=1).reshape(-1)
+    return rows, cols, np.repeat(np.arange(elements.shape[0]), 9), local.reshape(-1)
+
+
+def grounded_plan(rows: np.ndarray, cols: np.ndarray, owner: np.ndarray, value: np.ndarray, size: int, ground: int,
+                  constant: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Scatter plan of a (size x size) matrix from entries (row, col, owner, value) with variable ``ground``
+    pinned: its entries are dropped and its diagonal set to 1 (owned by parameter ``constant``, the constant 1).
+    Returns (entry_slot, entry_owner, entry_value, slot_flat) as :func:`assemble_values` reads them."""
+    keep = (rows != ground) & (cols != ground)
+    flat = np.append((rows * size + cols)[keep], ground * size + ground)
+    owner = np.append(owner[keep], constant)
+    value = np.append(value[keep], 1.0)
+    slot_flat, slot = np.unique(flat, return_inverse=True)
+    return slot.astype(np.int64), owner.astype(np.int64), value, slot_flat.astype(np.int64)
+
+
 def assembly_indices(nodes: np.ndarray, elements: np.ndarray, ref_node: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Scatter plan for K(sigma) = sum_e sigma_e K_e with pyEIT's grounding.
 
@@ -28,20 +51,7 @@ def assembly_indices(nodes: np.ndarray, elements: np.ndarray, ref_node: int) -> 
     position slot_flat[s] in the (N * N) matrix. Entries touching the reference node are
     dropped; K[ref, ref] = 1 is one extra entry owned by the constant column E.
     """
-    n_nodes, n_elems = nodes.shape[0], elements.shape[0]
-    edges = scaled_edges(nodes, elements)
-    local = edges @ edges.transpose(0, 2, 1)  # (E, 3, 3) element stiffness at sigma = 1
-    row = np.repeat(elements[:, :, None], 3, axis=2)
-    col = np.repeat(elements[:, None, :], 3, axis=1)
-    keep = ((row != ref_node) & (col != ref_node)).reshape(-1)
-    flat = (row * n_nodes + col).reshape(-1)[keep]
-    owner = np.repeat(np.arange(n_elems), 9)[keep]
-    value = local.reshape(-1)[keep]
-    flat = np.append(flat, ref_node * n_nodes + ref_node)
-    owner = np.append(owner, n_elems)
-    value = np.append(value, 1.0)
-    slot_flat, slot = np.unique(flat, return_inverse=True)
-    return slot.astype(np.int64), owner.astype(np.int64), value, slot_flat.astype(np.int64)
+    return grounded_plan(*stiffness_entries(nodes, elements), nodes.shape[0], ref_node, elements.shape[0])
 
 
 def assemble_values(sigma: torch.Tensor, plan: tuple[torch.Tensor, ...]) -> torch.Tensor:

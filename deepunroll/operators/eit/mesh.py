@@ -118,22 +118,28 @@ class MeshGeometry:
     def validate(self) -> None:
         """Raise ``ValueError`` on out-of-range indices or non-CCW / degenerate triangles."""
         n = self.n_nodes
-        if self.elements.min() < 0 or self.elements.max() >= n:
-            raise ValueError(f"mesh.element indices must lie in [0, {n}); got [{self.elements.min()}, {self.elements.max()}]")
+        check_triangles(self.nodes, self.elements)
         if self.el_pos.min() < 0 or self.el_pos.max() >= n:
             raise ValueError(f"mesh.el_pos must be node indices in [0, {n}); got {self.el_pos.tolist()}")
         if not 0 <= self.ref_node < n:
             raise ValueError(f"mesh.ref_node must be a node index in [0, {n}); got {self.ref_node}")
-        bad = int((signed_areas(self.nodes, self.elements) <= 0).sum())
-        if bad:
-            raise ValueError(
-                f"mesh has {bad} triangles that are clockwise or degenerate; expected counter-clockwise "
-                "elements with positive area (pyeit.mesh.check_order fixes the orientation)"
-            )
 
     def centroids(self) -> np.ndarray:
         """Element centroids (E, 2): the mean of the three vertices."""
         return self.nodes[self.elements].mean(axis=1)
+
+
+def check_triangles(nodes: np.ndarray, elements: np.ndarray) -> None:
+    """Raise ``ValueError`` unless every triangle indexes existing nodes and is counter-clockwise with positive area."""
+    n = nodes.shape[0]
+    if elements.min() < 0 or elements.max() >= n:
+        raise ValueError(f"mesh.element indices must lie in [0, {n}); got [{elements.min()}, {elements.max()}]")
+    bad = int((signed_areas(nodes, elements) <= 0).sum())
+    if bad:
+        raise ValueError(
+            f"mesh has {bad} triangles that are clockwise or degenerate; expected counter-clockwise "
+            "elements with positive area (pyeit.mesh.check_order fixes the orientation)"
+        )
 
 
 def signed_areas(nodes: np.ndarray, elements: np.ndarray) -> np.ndarray:

@@ -138,12 +138,9 @@ class SparseSolver:
         return torch.as_tensor(solved, dtype=values.dtype, device=values.device)
 
     def chunk_size(self, device: torch.device) -> int:
-        """Samples per call: ~6 MB of factor on CPU (>= 2 samples; per sample, chunks of 8-16 measured fastest at
-        h0 = 0.05, where 32 was 1.7x slower, and 32 at h0 = 0.1), ~256 MB on accelerators."""
-        per_sample = 8 * self.cholesky.factor_entries
-        if device.type == "cpu":
-            return max(2, (6 << 20) // per_sample)
-        return max(1, (256 << 20) // per_sample)
+        """Samples per call (:meth:`SparseCholesky.chunk_size`; on CPU, per sample, chunks of 8-16 measured fastest
+        at h0 = 0.05, where 32 was 1.7x slower, and 32 at h0 = 0.1)."""
+        return self.cholesky.chunk_size(device)
 
 
 def choose(kind: str, n_nodes: int, device: torch.device) -> str:
