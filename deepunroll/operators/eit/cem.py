@@ -19,9 +19,13 @@ choice. A measurement of injection i is ``measurements[:, m]^T U^(i)``; outputs 
 
 The stiffness part reuses the point-electrode operator's assembly (:func:`fem.assembly_indices` layout and
 :func:`fem.assemble_values`); the solve is the batched sparse Cholesky of :mod:`deepunroll.optim.sparse_cholesky`
-with the electrode unknowns eliminated last. Gradients: ``forward`` is differentiable in sigma (and, through
-:meth:`CompleteElectrodeModel.voltages`, in z) by the adjoint of the solve; ``jacobian`` uses the fields of
-the injection and measurement patterns, dV_(i,m)/dsigma_e = -(D_e u_i) . (D_e w_m).
+with the electrode unknowns eliminated last. One factorisation per sample and one solve for the L - 1 unit-current
+electrode fields W = A^{-1} [0; e_l] (the grounded electrode's is 0) serve everything, as the point-electrode
+operator's unit-current fields do: the injection fields are W injections, the adjoint fields W measurements, and
+with R (L - 1, L - 1) the electrode potentials of W, V = injections^T R measurements and
+dR_jl/dsigma_e = -(D_e w_j) . (D_e w_l). ``vjp``, ``misfit_grad``, ``jacobian`` and the backward of ``forward``
+use these fields (no autograd graph of the solve); :meth:`CompleteElectrodeModel.voltages` is differentiable
+in sigma and z by autograd through the solve.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from deepunroll.operators.base import ForwardOperator
 from deepunroll.operators.eit import fem
 from deepunroll.operators.eit.mesh import check_triangles, scaled_edges
+from deepunroll.operators.eit.operator import _AdjointVoltages
 from deepunroll.operators.eit.solver import LEAF_SIZE
 from deepunroll.optim.ordering import nested_dissection
 from deepunroll.optim.sparse_cholesky import SparseCholesky
@@ -97,12 +102,13 @@ class CompleteElectrodeModel(ForwardOperator):
         coords = np.concatenate([nodes, np.zeros((n_el, 2))])
         tree = nested_dissection(pattern, coords, leaf_size=LEAF_SIZE, last=np.arange(self.n_nodes, size))
         self.cholesky = SparseCholesky(rows, cols, size, tree)
-        grounded = np.concatenate([injections, measurements], axis=1)
-        grounded[-1] = 0.0  # the grounded electrode's equation is U_L = 0
+        sources = np.zeros((size, n_el - 1))  # unit current into each electrode but the grounded one (U_L = 0)
+        sources[self.n_nodes + np.arange(n_el - 1), np.arange(n_el - 1)] = 1.0
         arrays = {
             "elements": elements, "nodes": nodes, "contact_impedance": z,
             "asm_entry_slot": entry_slot, "asm_entry_owner": entry_owner, "asm_entry_value": entry_value,
-            "asm_slot_flat": slot_flat, "patterns": grounded, "measurements": measurements,
+            "asm_slot_flat": slot_flat, "sources": sources,
+            "injections": injections[:-1], "measurements": measurements[:-1],  # the grounded electrode's U is 0
             "gradient_ops": fem.gradient_operators(scaled_edges(nodes, elements), elements, -1),
         }
         for name, array in arrays.items():
@@ -142,39 +148,59 @@ class CompleteElectrodeModel(ForwardOperator):
         plan = (self.asm_entry_slot, self.asm_entry_owner, self.asm_entry_value, self.asm_slot_flat)
         return fem.assemble_values(torch.cat([sigma64, 1.0 / z64], dim=1), plan)
 
-    def _solve(self, sigma64: torch.Tensor, z64: torch.Tensor, columns: slice) -> torch.Tensor:
-        """[u; U] for the pattern ``columns`` (injections first, then measurements): (B, N + L, k),
-        differentiable in sigma and z by the adjoint of the solve."""
+    def _solve(self, sigma64: torch.Tensor, z64: torch.Tensor) -> torch.Tensor:
+        """The fields W (B, N + L, L - 1) of one chunk (see :meth:`fields`)."""
         values = self._values(sigma64, z64)
-        patterns = self.patterns[:, columns]
-        rhs = torch.cat([patterns.new_zeros(self.n_nodes, patterns.shape[1]), patterns]).expand(sigma64.shape[0], -1, -1)
         factor = self.cholesky.factor(values)
         if not bool(factor.ok.all()):
             raise ValueError("CEM: the system is not positive definite (check sigma > 0 and z > 0)")
+        rhs = self.sources.expand(sigma64.shape[0], -1, -1)
         if torch.is_grad_enabled() and values.requires_grad:
             return self.cholesky.solve(values, rhs, factor)
         return factor.solve(rhs)
 
+    def fields(self, sigma64: torch.Tensor, z64: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit-current electrode fields W (B, N + L, L - 1) = A^{-1} [0; e_l], l = 1 .. L - 1, volts per ampere, for
+        sigma64 (B, E) float64 and z64 (B, L) (default: the operator's); factored in chunks of
+        ``cholesky.chunk_size``, differentiable in both by the adjoint of the solve while autograd records."""
+        z64 = self.contact_impedance.expand(sigma64.shape[0], -1) if z64 is None else z64
+        size = self.cholesky.chunk_size(sigma64.device)
+        return torch.cat([self._solve(s, z) for s, z in zip(sigma64.split(size), z64.split(size))])
+
+    def voltages_from_fields(self, fields: torch.Tensor) -> torch.Tensor:
+        """(B, n_inj * n_meas) injection-major: V = (R injections)^T measurements, R = the fields' electrode
+        potentials (B, L - 1, L - 1)."""
+        return ((fields[:, self.n_nodes:-1] @ self.injections).mT @ self.measurements).flatten(1)
+
+    def vjp_from_fields(self, fields: torch.Tensor, v64: torch.Tensor) -> torch.Tensor:
+        """J^T v (B, E) = sum_(j,l) Q_jl dR_jl/dsigma_e, Q = injections v measurements^T, v as (B, n_inj, n_meas)."""
+        weights = self.injections @ v64.reshape(-1, self.n_inj, self.n_meas_per) @ self.measurements.T
+        return fem.transfer_vjp(fem.field_gradients(fields, self.gradient_ops, self.elements), weights)
+
     def voltages(self, sigma: torch.Tensor, contact_impedance: torch.Tensor | None = None) -> torch.Tensor:
         """Measured voltages (B, n_inj * n_meas), injection-major, for sigma (B, E) and optionally per-sample
-        contact impedances (B, L) or (L,) (default: the operator's); differentiable in both."""
-        sigma64, z64 = self._inputs(sigma, contact_impedance)
-        size = self.cholesky.chunk_size(sigma64.device)
-        parts = [self._solve(s, z, slice(0, self.n_inj))[:, self.n_nodes:]
-                 for s, z in zip(sigma64.split(size), z64.split(size))]
-        return (torch.cat(parts).transpose(1, 2) @ self.measurements).flatten(1)  # (B, n_inj, L) @ (L, n_meas)
+        contact impedances (B, L) or (L,) (default: the operator's); differentiable in both (autograd through
+        the solve)."""
+        return self.voltages_from_fields(self.fields(*self._inputs(sigma, contact_impedance)))
 
     def misfit_grad(self, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """J^T (F(sigma) - y) (B, E) from one forward solve and its adjoint (same factorisation)."""
+        """J^T (F(sigma) - y) (B, E) from the fields of one factorisation per sample (differentiable in sigma and y
+        while autograd records)."""
         self.check_input(y, "y", self.out_shape)
-        with torch.enable_grad():
-            sigma_in = sigma.detach().to(_DTYPE).requires_grad_()
-            residual = self.voltages(sigma_in) - y.to(_DTYPE)
-            (grad,) = torch.autograd.grad(0.5 * residual.square().sum(), sigma_in)
-        return grad.to(sigma.dtype)
+        sigma64, _ = self._inputs(sigma, None)
+        size = self.cholesky.chunk_size(sigma64.device)
+        parts = []
+        for part, target in zip(sigma64.split(size), y.to(_DTYPE).split(size)):
+            fields = self.fields(part)
+            parts.append(self.vjp_from_fields(fields, self.voltages_from_fields(fields) - target))
+        return torch.cat(parts).to(sigma.dtype)
 
     def _forward(self, sigma: torch.Tensor) -> torch.Tensor:
-        return self.voltages(sigma).to(sigma.dtype)
+        sigma64, _ = self._inputs(sigma, None)
+        if torch.is_grad_enabled() and sigma64.requires_grad:  # backward: the adjoint from the saved fields
+            size = self.cholesky.chunk_size(sigma64.device)
+            return torch.cat([_AdjointVoltages.apply(part, self) for part in sigma64.split(size)]).to(sigma.dtype)
+        return self.voltages_from_fields(self.fields(sigma64)).to(sigma.dtype)
 
     def _jacobian(self, sigma: torch.Tensor) -> torch.Tensor:
         per_sample = 8 * self.n_out * self.in_shape[0]
@@ -182,12 +208,11 @@ class CompleteElectrodeModel(ForwardOperator):
         return torch.cat([self._jacobian_chunk(part) for part in sigma.split(size)]).to(sigma.dtype)
 
     def _jacobian_chunk(self, sigma: torch.Tensor) -> torch.Tensor:
-        sigma64, z64 = self._inputs(sigma, None)
+        """dV_(i,m)/dsigma_e = -(D_e u_i) . (D_e w_m) with u_i = W injections_i, w_m = W measurements_m."""
+        sigma64, _ = self._inputs(sigma, None)
         with torch.no_grad():
-            fields = self._solve(sigma64, z64, slice(None))[:, : self.n_nodes]
-            grads = fem.field_gradients(fields, self.gradient_ops, self.elements)  # (B, E, 2, n_inj + n_meas)
-            inj, meas = grads[..., : self.n_inj], grads[..., self.n_inj:]
-            jac = -torch.einsum("bedi,bedm->bime", inj, meas)
+            grads = fem.field_gradients(self.fields(sigma64), self.gradient_ops, self.elements)  # (B, E, 2, L - 1)
+            jac = -torch.einsum("bedi,bedm->bime", grads @ self.injections, grads @ self.measurements)
         return jac.reshape(sigma.shape[0], self.n_out, -1)
 
 
