@@ -3,6 +3,7 @@
     python scripts/reproduce.py                       # study=rma profile=quick (< 30 min on 2 CPU cores)
     python scripts/reproduce.py profile=paper         # published sizes (README: expected time)
     python scripts/reproduce.py study=equilibrium     # another study: deepunroll/studies/<study>.py
+    python scripts/reproduce.py study=ktc2023_levels data_root=PATH   # measured data: data_root names the folder
 
 Writes results/*.csv, results/*.md and figures/*.png under out_dir (default: the repository root);
 each run trains into runs_dir and is skipped when rerun. Starting the same command twice at once
@@ -56,6 +57,8 @@ def main(cfg: DictConfig) -> None:
     kwargs = {}
     if cfg.runs_dir and "runs_dir" in inspect.signature(study.run).parameters:
         kwargs["runs_dir"] = Path(cfg.runs_dir)
+    if "data_root" in inspect.signature(study.run).parameters:  # studies of measured data (not in this repository)
+        kwargs["data_root"] = Path(cfg.data_root) if cfg.data_root else None
     if cfg.report_only:
         kwargs["report_only"] = True
     GlobalHydra.instance().clear()  # the studies compose one config per run themselves

@@ -16,8 +16,33 @@ import numpy as np
 import scipy.io
 
 from deepunroll.operators.eit.cem import CompleteElectrodeModel
+from deepunroll.operators.eit.mesh import build_electrode_disk_mesh
 
 MESHES = ("sparse", "dense")
+RADIUS, N_ELECTRODES, N_LEVELS = 0.115, 32, 7
+ELECTRODE_WIDTH = np.deg2rad(5.625)  # electrode k centred at 90 + (k - 1) 11.25 degrees, counter-clockwise
+
+
+def tank_mesh(h0: float = 0.05) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Our own mesh of the KTC2023 tank (radius 0.115 m, 32 electrodes of 5.625 degrees, electrode 1 at the top,
+    numbered counter-clockwise): (nodes (N, 2) in m, elements (E, 3), electrode faces); h0 in tank radii."""
+    return build_electrode_disk_mesh(N_ELECTRODES, h0, ELECTRODE_WIDTH, first_angle=np.pi / 2, radius=RADIUS)
+
+
+def removed_electrodes(level: int) -> np.ndarray:
+    """0-based indices of the electrodes level L removes: electrodes 1 .. 2(L - 1) (1-based)."""
+    if not (isinstance(level, (int, np.integer)) and 1 <= level <= N_LEVELS):
+        raise ValueError(f"KTC2023 level must be an integer in 1..{N_LEVELS}, got {level!r}")
+    return np.arange(2 * (level - 1))
+
+
+def level_keep_mask(inj: np.ndarray, mpat: np.ndarray, level: int) -> np.ndarray:
+    """(n_inj * n_meas,) bool, injection-major: True where neither the injection nor the measurement pattern
+    touches an electrode that ``level`` removed (equals the non-NaN pattern of the level files)."""
+    removed = removed_electrodes(level)
+    inj_ok = ~np.any(inj[removed] != 0, axis=0)
+    meas_ok = ~np.any(mpat[removed] != 0, axis=0)
+    return (inj_ok[:, None] & meas_ok[None, :]).reshape(-1)
 
 
 def _load(path: Path) -> dict:
