@@ -197,3 +197,26 @@ def test_baseline_scores_and_the_challenge_interface(tmp_path):
         f"error: KTC2023: {inputs / 'ref.mat'} does not exist (expected the challenge's files under the data root)"]
     bad_level = subprocess.run(script + [str(inputs), str(tmp_path / "out"), "8"], capture_output=True, text=True)
     assert bad_level.returncode == 1 and "level must be an integer in 1..7" in bad_level.stderr
+
+
+def test_levels_study_needs_its_data_root(tmp_path):
+    from deepunroll.studies import ktc2023_levels
+    from deepunroll.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="needs data_root=PATH"):
+        ktc2023_levels.run("quick", tmp_path)
+
+
+@needs_data
+def test_levels_study_writes_its_table_and_figure(tmp_path, monkeypatch):
+    """One coarse variant (h0 0.1) through the whole study: 28 scores, the markdown table and the figure."""
+    from deepunroll.studies import ktc2023_levels
+
+    monkeypatch.setattr(ktc2023_levels, "PROFILES", {"quick": {"coarse": {"h0": 0.1}}})
+    rows = ktc2023_levels.run("quick", tmp_path, ROOT)
+    assert len(rows) == 28 and {r["level"] for r in rows} == set(range(1, 8))
+    assert all(0.0 <= r["score"] <= 1.0 for r in rows)
+    total = sum(r["score"] for r in rows)
+    assert f"{total:.3f}" in (tmp_path / "results" / "ktc2023_levels.md").read_text()
+    assert (tmp_path / "results" / "ktc2023_levels.csv").read_text().count("\n") == 29
+    assert (tmp_path / "figures" / "ktc2023_levels.png").stat().st_size > 10_000
