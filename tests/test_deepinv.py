@@ -1,0 +1,87 @@
+"""deepunroll operators as deepinv physics (the optional extra ``[deepinv]``; skipped without it)."""
+
+import pytest
+import torch
+
+deepinv = pytest.importorskip("deepinv", reason="deepinv not installed (pip install -e \".[deepinv]\")")
+
+from deepunroll.data.generators import add_relative_noise  # noqa: E402
+from deepunroll.data.patches import ImagePatches  # noqa: E402
+from deepunroll.data.phantoms import EITPhantoms  # noqa: E402
+from deepunroll.initial_guess import ConstantImageInverse  # noqa: E402
+from deepunroll.interop.deepinv import OperatorPhysics  # noqa: E402
+from deepunroll.operators.blur import VolterraBlur2d  # noqa: E402
+from deepunroll.operators.eit import EIT  # noqa: E402
+from deepunroll.operators.toy import NonlinearConv1d  # noqa: E402
+
+
+@pytest.mark.parametrize("make", [lambda: EIT(h0=0.2), lambda: VolterraBlur2d(image_size=12), lambda: NonlinearConv1d()],
+                         ids=["eit", "blur2d", "toy"])
+def test_wrapper_is_our_operator_and_its_exact_adjoint(make):
+    """A and A_vjp are the operator's forward and vjp (shapes with deepinv's channel axis for images), and
+    <v, A_vjp(x, v')> matches a central difference of <v, A(x)> along a random direction."""
+    op = make()
+    physics = OperatorPhysics(op)
+    gen = torch.Generator().manual_seed(0)
+    x = 0.5 + 0.3 * torch.rand(3, *op.in_shape, generator=gen, dtype=torch.float64)
+    v = torch.randn(3, *op.out_shape, generator=gen, dtype=torch.float64)
+    channel = (slice(None), None) if len(op.in_shape) == 2 else (slice(None),)
+    assert physics.channel_axis == (len(op.in_shape) == 2)
+    torch.testing.assert_close(physics.A(x[channel]), op(x)[channel], rtol=0, atol=0)
+    vjp = physics.A_vjp(x[channel], v[channel])
+    torch.testing.assert_close(vjp, op.vjp(x, v)[channel], rtol=0, atol=0)
+    direction = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    h = 1e-5
+    central = ((v * (op(x + h * direction) - op(x - h * direction))).sum() / (2 * h)).item()
+    ours = vjp[:, 0] if physics.channel_axis else vjp
+    assert (ours * direction).sum().item() == pytest.approx(central, rel=1e-6)
+
+
+def test_deepinv_gradient_descent_reconstructs_eit():
+    """deepinv's PGD (L2 data fidelity, no prior, step 1/||J(1)||^2) on noise-free EIT data of 4 two-inclusion
+    phantoms (h0 0.1) from sigma = 1: the mean relative error falls from 0.2538 to 0.2059 in 50 iterations
+    and the residual to 0.267 of the start (measured)."""
+    op = EIT(h0=0.1)
+    physics = OperatorPhysics(op)
+    x = EITPhantoms(2).sample(op, 4, torch.Generator().manual_seed(0))
+    y = op(x)
+    init = physics.reference_point(y)
+    lipschitz = float(torch.linalg.matrix_norm(op.jacobian(init[:1])[0], 2)) ** 2
+    model = deepinv.optim.PGD(data_fidelity=deepinv.optim.L2(), prior=deepinv.optim.ZeroPrior(), stepsize=1 / lipschitz,
+                              lambda_reg=0.0, max_iter=50, early_stop=False)
+    with torch.no_grad():
+        estimate = model(y, physics, init=init)
+    relative = ((estimate - x).norm(dim=1) / x.norm(dim=1)).mean().item()
+    assert ((init - x).norm(dim=1) / x.norm(dim=1)).mean().item() == pytest.approx(0.2538, abs=1e-4)
+    assert relative == pytest.approx(0.2059, abs=1e-3)
+    assert ((op(estimate) - y).norm() / (op(init) - y).norm()).item() == pytest.approx(0.2665, abs=2e-3)
+
+
+def test_deepinv_tv_proximal_gradient_deblurs_the_volterra_blur():
+    """deepinv's PGD with its TV prior (step 0.3, 100 iterations) on 4 test patches of the 2D Volterra blur
+    (32 x 32, a = 1, Gaussian width 1.5, 1 % noise) from our constant-inverse x0: PSNR 33.99 -> 36.84 dB at
+    lambda 0.01; without the prior (lambda 0) it overfits the noise (33.21 dB) (measured)."""
+    op = VolterraBlur2d(image_size=32, a=1.0, kernel_width=1.5)
+    gen = torch.Generator().manual_seed(0)
+    x = ImagePatches(32).sample(op, 4, gen, split="test")
+    y = add_relative_noise(op(x), 0.01, gen)
+    physics = OperatorPhysics(op)
+    x0 = ConstantImageInverse()(op, y)
+
+    def psnr(image):
+        return (10 * torch.log10(1 / (image - x).square().mean(dim=(1, 2)))).mean().item()
+
+    scores = {}
+    for lam in (0.0, 0.01):
+        model = deepinv.optim.PGD(data_fidelity=deepinv.optim.L2(), prior=deepinv.optim.TVPrior(n_it_max=20),
+                                  stepsize=0.3, lambda_reg=lam, max_iter=100, early_stop=False)
+        with torch.no_grad():
+            scores[lam] = psnr(model(y[:, None], physics, init=x0[:, None])[:, 0])
+    assert psnr(x0) == pytest.approx(33.99, abs=0.01)
+    assert scores[0.01] == pytest.approx(36.84, abs=0.05)
+    assert scores[0.0] == pytest.approx(33.21, abs=0.05)
+
+
+def test_wrapper_refuses_other_objects():
+    with pytest.raises(TypeError, match="needs a deepunroll ForwardOperator"):
+        OperatorPhysics(torch.nn.Identity())
