@@ -1,4 +1,4 @@
-"""Small CNN blocks shared by the learned steps."""
+"""Small CNN blocks shared by the learned steps, and the block factory (``net.step.block``)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,23 @@ def conv_block(in_channels: int, out_channels: int, hidden: int = 32, n_conv: in
         nn.init.zeros_(layers[-1].weight)
         nn.init.zeros_(layers[-1].bias)
     return nn.Sequential(*layers)
+
+
+BLOCKS = ("cnn", "dncnn", "drunet")
+
+
+def make_block(kind: str, in_channels: int, out_channels: int, hidden: int = 32, n_conv: int = 4, dim: int = 1,
+               zero_init: bool = False) -> nn.Module:
+    """A learned block (B, in, *spatial) -> (B, out, *spatial): ``cnn`` (:func:`conv_block`), or deepinv's
+    ``dncnn`` / ``drunet`` trained from scratch (images only; the [deepinv] extra,
+    :func:`deepunroll.interop.deepinv.denoiser_block`)."""
+    if kind == "cnn":
+        return conv_block(in_channels, out_channels, hidden, n_conv, dim, zero_init)
+    if kind not in BLOCKS:
+        raise ValueError(f"net.step.block={kind!r}: expected one of {', '.join(BLOCKS)}")
+    from deepunroll.interop.deepinv import denoiser_block
+
+    return denoiser_block(kind, in_channels, out_channels, hidden, n_conv, dim, zero_init)
 
 
 def per_iteration(factory, n_iter: int, share_weights: bool) -> nn.ModuleList:

@@ -7,7 +7,7 @@ import functools
 import torch
 from torch import nn
 
-from deepunroll.nets.blocks import conv_block, per_iteration
+from deepunroll.nets.blocks import make_block, per_iteration
 from deepunroll.nets.data_term import DataTerm
 
 
@@ -19,6 +19,7 @@ class LPDStep(nn.Module):
     where v is the (accelerated) direction d = J(x[0])^T h[0]. Output x[0]. F(x), y and J^T h are presented
     as ``net.direction`` says (:mod:`deepunroll.nets.direction`; raw: as written here).
     ``zero_init``: the last convolution of every block starts at zero (the untrained net returns x0).
+    ``block``: the primal blocks' architecture (:func:`deepunroll.nets.blocks.make_block`); dual blocks are CNNs.
     """
 
     def __init__(
@@ -31,14 +32,16 @@ class LPDStep(nn.Module):
         hidden: int = 32,
         share_weights: bool = False,
         zero_init: bool = False,
+        block: str = "cnn",
     ) -> None:
         super().__init__()
         if primal_channels < 2:
             raise ValueError(f"net.step.primal_channels={primal_channels}; expected >= 2 (F is applied to x[1])")
         self.primal_channels, self.dual_channels = primal_channels, dual_channels
         self.y_shape = tuple(y_shape)
-        dual = functools.partial(conv_block, dual_channels + 2, dual_channels, hidden, 3, len(y_shape), zero_init)
-        primal = functools.partial(conv_block, primal_channels + 1, primal_channels, hidden, 4, len(x_shape), zero_init)
+        dual = functools.partial(make_block, "cnn", dual_channels + 2, dual_channels, hidden, 3, len(y_shape), zero_init)
+        primal = functools.partial(make_block, block, primal_channels + 1, primal_channels, hidden, 4, len(x_shape),
+                                   zero_init)
         self.dual_blocks = per_iteration(dual, n_iter, share_weights)
         self.primal_blocks = per_iteration(primal, n_iter, share_weights)
 

@@ -7,7 +7,7 @@ import functools
 import torch
 from torch import nn
 
-from deepunroll.nets.blocks import conv_block, per_iteration
+from deepunroll.nets.blocks import make_block, per_iteration
 from deepunroll.nets.data_term import DataTerm
 
 
@@ -21,14 +21,15 @@ class LPGDStep(nn.Module):
     ``zero_init``: the last convolution of every block starts at zero (the untrained net returns x0).
     ``step_size``: if not None, a learned scalar alpha_k per block (initialised to it) adds the explicit
     data step -alpha_k v_k: x_{k+1} = x_k - alpha_k v_k + Lambda_k(...).
+    ``block``: the architecture of Lambda_k (:func:`deepunroll.nets.blocks.make_block`: cnn, dncnn, drunet).
     """
 
     def __init__(
         self, n_iter: int, x_shape: tuple[int, ...], hidden: int = 32, n_conv: int = 4, share_weights: bool = False,
-        zero_init: bool = False, aux_channels: int = 0, step_size: float | None = None,
+        zero_init: bool = False, aux_channels: int = 0, step_size: float | None = None, block: str = "cnn",
     ) -> None:
         super().__init__()
-        block = functools.partial(conv_block, 2 + aux_channels, 1, hidden, n_conv, len(x_shape), zero_init)
+        block = functools.partial(make_block, block, 2 + aux_channels, 1, hidden, n_conv, len(x_shape), zero_init)
         self.blocks = per_iteration(block, n_iter, share_weights)
         self.step_sizes = None if step_size is None else nn.Parameter(torch.full((len(self.blocks),), float(step_size)))
 
