@@ -1,6 +1,7 @@
 """End-to-end: experiments compose, smoke training lowers the loss, evaluation and loading work."""
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -18,13 +19,16 @@ from deepunroll.pipeline import build_problem, load_model, train
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 TOY = [e for e in EXPERIMENTS if e.startswith("toy_")]
 ALIASES = {"eit_rma": "eit_lpgd_rma"}  # short names users type
+HAS_DEEPINV = importlib.util.find_spec("deepinv") is not None
+NEEDS_EXTRA = pytest.mark.skipif(not HAS_DEEPINV, reason="deepinv not installed (pip install -e \".[deepinv]\")")
 
 
 def test_all_six_toy_variants_exist():
     assert {f"toy_{n}{a}" for n in ("lpgd", "lpd") for a in ("", "_ma", "_rma")} <= set(TOY)
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", [pytest.param(e, marks=NEEDS_EXTRA) if e.startswith("deepinv_") else e
+                                        for e in EXPERIMENTS])
 def test_experiment_composes_and_builds(experiment):
     cfg = compose_config([f"+experiment={experiment}"])
     assert cfg.name == ALIASES.get(experiment, experiment)
