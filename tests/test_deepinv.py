@@ -148,3 +148,23 @@ def test_unrolled_network_with_a_deepinv_denoiser_block_on_deepinv_physics():
         assert (block(changed) - block(inputs)).abs().max() > 1e-3
     with pytest.raises(ValueError, match="works on images"):
         make_block("dncnn", 2, 1, dim=1)
+
+
+def test_side_by_side_study_runs_both_methods_on_the_same_data(tmp_path_factory):
+    """profile=tiny: one seed, both methods trained for one epoch on the same 64 patches; the table has x0 and
+    both rows, and the deepinv model trains its per-iteration step sizes and CNN blocks."""
+    from conftest import run_tiny
+    from deepunroll.studies import deepinv_side_by_side as study
+
+    out, rows = run_tiny(tmp_path_factory, study)
+    assert [r["method"] for r in rows] == ["ours: LPGD-RMA (ConvLSTM)", "deepinv: unfolded PGD (PnP CNN)"]
+    assert all(r["epochs"] == 1 and 10 < r["psnr"] < 40 for r in rows)
+    text = (out / "results" / "deepinv_side_by_side_tiny.md").read_text()
+    assert "x0 (constant-image inverse)" in text and "Paired PSNR difference" in text
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"net": {"n_iter": 3, "step": {"hidden": 8, "n_conv": 2, "zero_init": True}}})
+    model = study.deepinv_unfolded_pgd(cfg, None)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if "stepsize" in n} == {f"params_algo.stepsize.{k}" for k in range(3)}
+    assert sum(".denoiser.block." in n for n in trainable) == 3 * 5  # per block: 2 convolutions (w, b), 1 PReLU
