@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from deepunroll.operators.base import ForwardOperator
+from deepunroll.operators.eit.calibration import fit_background
+from deepunroll.operators.eit.cem import CompleteElectrodeModel
 
 _DTYPE = torch.float64
 
@@ -122,3 +124,25 @@ class DifferenceImaging:
             rhs = delta - model + torch.einsum("bme,be->bm", jac, sigma - self.sigma0)
             dsigma = self._map_step(jac, rhs, masks)
         return dsigma
+
+
+def tank_difference_imaging(mesh: tuple, ref: dict, sigma0: float | str, contact_impedance: float, prior_std: float,
+                            prior_length: float, gauss_newton_steps: int = 0, device=None,
+                            ) -> tuple[DifferenceImaging, dict | None]:
+    """(solver, calibration) for a measured tank: the CEM on ``mesh`` = (nodes (N, 2), elements (E, 3), faces)
+    with the reference measurement's patterns ``ref`` = {"inj", "mpat", "uel"}, the reference noise model on
+    ``ref["uel"]`` and the smoothness prior on the element centroids. sigma0 (S/m) and contact_impedance are
+    used as given, or with ``sigma0="fit"`` both are fitted to ``ref["uel"]`` first (calibration: the
+    :func:`fit_background` result, else None)."""
+    nodes, elements, faces = mesh
+
+    def operator(z):
+        return CompleteElectrodeModel(nodes, elements, faces, ref["inj"], ref["mpat"], z, device=device)
+
+    op, calibration = operator(contact_impedance), None
+    if sigma0 == "fit":
+        calibration = fit_background(op, torch.as_tensor(ref["uel"]))
+        sigma0 = calibration["sigma"]
+        op = operator(calibration["z"][0])
+    factor = smoothness_factor(np.asarray(nodes)[np.asarray(elements)].mean(axis=1), prior_std, prior_length)
+    return DifferenceImaging(op, float(sigma0), factor, noise_variance(ref["uel"]), gauss_newton_steps), calibration

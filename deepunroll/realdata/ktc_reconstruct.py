@@ -15,12 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from deepunroll.operators.eit.calibration import fit_background
-from deepunroll.operators.eit.cem import CompleteElectrodeModel
 from deepunroll.realdata import ktc2023
-from deepunroll.realdata.difference import DifferenceImaging, noise_variance, smoothness_factor
+from deepunroll.realdata.difference import tank_difference_imaging
 from deepunroll.realdata.pixel_grid import PixelMap
 from deepunroll.realdata.segmentation import segment_ktc
 
@@ -74,21 +71,10 @@ class KTCReconstructor:
             nodes, elements, faces = ktc2023.load_mesh(settings.mesh_root, settings.mesh)
         self.ref = ref
         self.n_elements = elements.shape[0]
-
-        def operator(z):
-            return CompleteElectrodeModel(nodes, elements, faces, ref["inj"], ref["mpat"], z, device=device)
-
-        op = operator(settings.contact_impedance)
-        self.calibration = None
-        sigma0 = settings.sigma0
-        if sigma0 == "fit":
-            self.calibration = fit_background(op, torch.as_tensor(ref["uel"]))
-            sigma0 = self.calibration["sigma"]
-            op = operator(self.calibration["z"][0])
-        self.sigma0 = float(sigma0)
-        factor = smoothness_factor(nodes[elements].mean(axis=1), settings.prior_std, settings.prior_length)
-        self.solver = DifferenceImaging(op, self.sigma0, factor, noise_variance(ref["uel"]),
-                                        settings.gauss_newton_steps)
+        self.solver, self.calibration = tank_difference_imaging(
+            (nodes, elements, faces), ref, settings.sigma0, settings.contact_impedance, settings.prior_std,
+            settings.prior_length, settings.gauss_newton_steps, device=device)
+        self.sigma0 = float(self.solver.sigma0[0, 0])
         self.pixels = PixelMap(nodes, elements, mode=settings.pixel_mode)
 
     def images(self, data: np.ndarray, level: int) -> np.ndarray:

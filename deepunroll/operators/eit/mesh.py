@@ -34,11 +34,13 @@ def build_disk_mesh(n_electrodes: int = 16, h0: float = 0.1) -> PyEITMesh:
 
 
 def build_electrode_disk_mesh(n_electrodes: int, h0: float, width: float, first_angle: float = np.pi / 2,
-                              radius: float = 1.0) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+                              radius: float = 1.0, clockwise: bool = False,
+                              ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """A disk mesh whose boundary follows the electrodes: (nodes (N, 2), elements (E, 3) CCW, faces).
 
     Electrode l is the arc of angular ``width`` (rad) centred at ``first_angle + 2 pi l / n_electrodes``
-    (counter-clockwise); its end points and points at most h0 apart along it are fixed nodes of pyEIT's
+    (numbered counter-clockwise), or at ``first_angle - 2 pi l / n_electrodes`` with ``clockwise`` (e.g. the
+    KIT4 tank); its end points and points at most h0 apart along it are fixed nodes of pyEIT's
     distmesh (h0 in disk radii), and faces[l] (k, 2) lists its boundary segments. Coordinates are scaled
     by ``radius`` (e.g. 0.115 m for the KTC2023 tank).
     """
@@ -48,7 +50,7 @@ def build_electrode_disk_mesh(n_electrodes: int, h0: float, width: float, first_
                          f"of width {width} rad")
     if not 0.0 < h0 <= 0.5:
         raise ValueError(f"h0 (mesh size, in disk radii) must be in (0, 0.5], got {h0}")
-    centres = first_angle + 2 * np.pi * np.arange(n_electrodes) / n_electrodes
+    centres = first_angle + (-2 if clockwise else 2) * np.pi * np.arange(n_electrodes) / n_electrodes
     per_arc = max(2, int(np.ceil(width / h0)) + 1)
     offsets = np.linspace(-width / 2, width / 2, per_arc)
     angles = (centres[:, None] + offsets[None, :]).reshape(-1)
