@@ -21,6 +21,7 @@ from typing import Callable
 from omegaconf import OmegaConf
 
 from deepunroll.pipeline import CONFIGS
+from deepunroll.validation import ConfigError
 
 PROFILES_DIR = CONFIGS / "reproduce"
 
@@ -46,6 +47,16 @@ def load_profile(study: str, profile: str) -> dict:
 
 
 RESULT = "result.json"
+
+
+def measured_data_root(study: str, profile: str, profiles: dict, data_root: Path | None, folder: str) -> Path:
+    """The data folder of a measured-data study, after one-line errors for an unknown profile or a missing
+    ``data_root`` (``folder`` says what it must hold and where the data are published)."""
+    if profile not in profiles:
+        raise ConfigError(f"profile={profile!r}: expected one of {', '.join(profiles)} for study={study}")
+    if data_root is None:
+        raise ConfigError(f"study={study} needs data_root=PATH: {folder}")
+    return Path(data_root)
 
 
 def slug(text: str) -> str:

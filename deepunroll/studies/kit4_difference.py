@@ -25,7 +25,7 @@ from deepunroll.operators.eit.calibration import fit_background
 from deepunroll.realdata import kit4
 from deepunroll.realdata.segmentation import segment_ktc
 from deepunroll.record import git_commit
-from deepunroll.studies.common import markdown_table
+from deepunroll.studies.common import markdown_table, measured_data_root
 from deepunroll.tables import write_csv
 from deepunroll.validation import ConfigError
 
@@ -148,12 +148,10 @@ def target_table(rows: list[dict], names: list[str]) -> str:
 
 
 def run(profile: str, out_dir: Path, data_root: Path | None = None, report_only: bool = False) -> list[dict]:
-    if profile not in PROFILES:
-        raise ConfigError(f"profile={profile!r}: expected one of {', '.join(PROFILES)} for study=kit4_difference")
-    if data_root is None:
-        raise ConfigError("study=kit4_difference needs data_root=PATH: the KIT4 folder of datamat_A_B.mat files "
-                          "(published on Zenodo, record 1203914; see the README's Real tanks section)")
-    root, commit = Path(data_root), git_commit()
+    root = measured_data_root("kit4_difference", profile, PROFILES, data_root,
+                              "the KIT4 folder of datamat_A_B.mat files (published on Zenodo, record 1203914; "
+                              "see the README's Real tanks section)")
+    commit = git_commit()
     if not (root / kit4.EMPTY_TANK).is_file():
         raise ConfigError(f"data_root={str(root)!r}: {root / kit4.EMPTY_TANK} not found (the KIT4 folder)")
     names = kit4.target_names(root)

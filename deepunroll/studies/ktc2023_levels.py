@@ -22,9 +22,8 @@ from deepunroll.realdata import ktc2023
 from deepunroll.realdata.ktc_reconstruct import KTCReconstructor, KTCSettings
 from deepunroll.realdata.segmentation import segment_ktc
 from deepunroll.record import git_commit
-from deepunroll.studies.common import markdown_table
+from deepunroll.studies.common import markdown_table, measured_data_root
 from deepunroll.tables import write_csv
-from deepunroll.validation import ConfigError
 
 N_TARGETS = 4
 REFERENCE_TOTAL = 17.77  # the organisers' reference method on the same 28 files (issue 17)
@@ -132,12 +131,10 @@ def plot_levels(images: np.ndarray, labels: np.ndarray, truths: np.ndarray, path
 
 
 def run(profile: str, out_dir: Path, data_root: Path | None = None, report_only: bool = False) -> list[dict]:
-    if profile not in PROFILES:
-        raise ConfigError(f"profile={profile!r}: expected one of {', '.join(PROFILES)} for study=ktc2023_levels")
-    if data_root is None:
-        raise ConfigError("study=ktc2023_levels needs data_root=PATH: the KTC2023 folder (training/, training_levels/, "
-                         "mesh/; published on Zenodo, see the README's Real data section)")
-    root, commit = Path(data_root), git_commit()
+    root = measured_data_root("ktc2023_levels", profile, PROFILES, data_root,
+                              "the KTC2023 folder (training/, training_levels/, mesh/; published on Zenodo, see "
+                              "the README's Real tanks section)")
+    commit = git_commit()
     truths = load_truths(root)
     rows, setups, first = [], {}, None
     for name, overrides in PROFILES[profile].items():
