@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from deepunroll.data.make import NOISE_MODELS
 from deepunroll.nets.backprop import make_backprop
 from deepunroll.nets.domain import make_domain
 from deepunroll.train.trainer import TrainSettings
 from deepunroll.validation import (BOOL, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, ConfigError, check_target,
-                                   is_int, is_number)
+                                   is_int, is_number, one_of)
 
 # key -> (predicate, what is allowed); keys absent from a problem's config are skipped
 RULES = {
@@ -27,6 +28,7 @@ RULES = {
     "data.splits.test": POSITIVE_INT,
     "data.noise": NON_NEGATIVE,
     "data.seed": NON_NEGATIVE_INT,
+    "data.noise_model": one_of(*NOISE_MODELS),
 }
 
 

@@ -27,6 +27,17 @@ def add_relative_noise(y: torch.Tensor, level: float, generator: torch.Generator
     return (flat + scale * noise).reshape(y.shape)
 
 
+def add_scaled_noise(y: torch.Tensor, level: float, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """y + level * std * e, e ~ N(0, I): y (B, *out_shape), std (*out_shape) per-entry standard deviations (an
+    operator's noise model, e.g. ``KTCDifferenceCEM.noise_std()``). ``level=0`` returns y unchanged."""
+    if level < 0:
+        raise ValueError(f"data.noise={level}; expected >= 0")
+    if level == 0:
+        return y
+    noise = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+    return y + level * std.to(y.dtype) * noise
+
+
 class RandomWalkSignals:
     """Published toy signals: x_1 ~ N(0,1), x_{j+1} ~ Laplace(x_j, step_scale); all-positive draws kept;
     each signal min-max rescaled to [-1, 1]. Initial guess x0 = 0.

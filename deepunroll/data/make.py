@@ -12,14 +12,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from deepunroll.data.generators import add_relative_noise
+from deepunroll.data.generators import add_relative_noise, add_scaled_noise
 from deepunroll.data.h5 import SPLITS, check_metadata, read_split, write_dataset
 from deepunroll.operators.base import ForwardOperator
+from deepunroll.validation import ConfigError
+
+# data.noise_model: "relative" (default): Gaussian noise of relative size data.noise per sample;
+# "operator": Gaussian noise of std data.noise * operator.noise_std() per entry (the operator's noise model)
+NOISE_MODELS = ("relative", "operator")
 
 
 def data_metadata(data_cfg: DictConfig, generator, x0) -> dict:
-    """What defines a dataset besides the operator: problem, seed, noise, split sizes, generator, initial guess."""
-    return {
+    """What defines a dataset besides the operator: problem, seed, noise (and its model unless relative, so the
+    fingerprints of datasets written before ``noise_model`` existed do not change), split sizes, generator,
+    initial guess."""
+    meta = {
         "problem": str(data_cfg.name),
         "seed": int(data_cfg.seed),
         "noise": float(data_cfg.noise),
@@ -27,6 +34,22 @@ def data_metadata(data_cfg: DictConfig, generator, x0) -> dict:
         "generator": generator.metadata(),
         "x0": x0.metadata(),
     }
+    noise_model = data_cfg.get("noise_model", "relative")
+    if noise_model != "relative":
+        meta["noise_model"] = str(noise_model)
+    return meta
+
+
+def add_noise(data_cfg: DictConfig, operator: ForwardOperator, y: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """Clean measurements y (B, *out_shape) plus the noise ``data.noise`` and ``data.noise_model`` ask for."""
+    level, noise_model = float(data_cfg.noise), data_cfg.get("noise_model", "relative")
+    if noise_model == "relative":
+        return add_relative_noise(y, level, rng)
+    if noise_model != "operator":
+        raise ConfigError(f"data.noise_model={noise_model!r}: expected one of {', '.join(NOISE_MODELS)}")
+    if not hasattr(operator, "noise_std"):
+        raise ConfigError(f"data.noise_model=operator: {type(operator).__name__} has no noise model (noise_std)")
+    return add_scaled_noise(y, level, operator.noise_std(), rng)
 
 
 def _fingerprint(operator_meta: dict, data_meta: dict) -> str:
@@ -62,7 +85,7 @@ def generate_dataset(data_cfg: DictConfig, operator: ForwardOperator, generator,
         y_parts, x0_parts = [], []
         for start in tqdm(range(0, n, chunk), desc=f"{data_cfg.name}/{split}", unit="chunk", leave=False, disable=None):
             with torch.no_grad():
-                y = add_relative_noise(operator(x[start : start + chunk]), float(data_cfg.noise), rng)
+                y = add_noise(data_cfg, operator, operator(x[start : start + chunk]), rng)
                 y_parts.append(y)
                 x0_parts.append(x0(operator, y))
         splits[split] = {"x": x, "y": torch.cat(y_parts), "x0": torch.cat(x0_parts)}
