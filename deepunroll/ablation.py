@@ -26,11 +26,11 @@ def _data_fit(model: nn.Module):
 def data_term_removed(model: nn.Module):
     """Within the block, every data-fit direction the network reads is zero."""
     fit = _data_fit(model)
-    fit.disabled = True
+    before, fit.disabled = fit.disabled, True
     try:
         yield model
     finally:
-        fit.disabled = False
+        fit.disabled = before
 
 
 @torch.no_grad()

@@ -113,14 +113,18 @@ def load_checkpoint_config(path: str | Path) -> DictConfig:
     return OmegaConf.create(checkpoint.load(Path(path))["config"]["config"])
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> UnrolledNet:
+def load_model(path: str | Path, device: str | torch.device = "cpu", overrides: dict | None = None) -> UnrolledNet:
     """Rebuild the network a checkpoint was trained with and load its weights (eval mode).
 
     ``model.reconstruct(y)`` then reconstructs from measurements y (B, *model.operator.out_shape),
-    starting from the problem's own initial guess (toy: zeros; EIT: Gauss-Newton).
+    starting from the problem's own initial guess (toy: zeros; EIT: Gauss-Newton). ``overrides``
+    ({"operator.data_root": PATH}, ...) replace config keys that name this machine's files; they must not
+    change the network.
     """
     state = checkpoint.load(Path(path), device)
     cfg = OmegaConf.create(state["config"]["config"])
+    for key, value in (overrides or {}).items():
+        OmegaConf.update(cfg, key, value)
     if OmegaConf.select(cfg, "net.fixed_point.warm_start") is False:  # written before restarted_jfb had to warm-start;
         cfg.net.fixed_point.warm_start = True                          # a loaded (eval-mode) model never does
     _, _, model = build_problem(cfg, device)

@@ -18,6 +18,7 @@ import scipy.io
 import torch
 
 from deepunroll.realdata import ktc2023
+from deepunroll.realdata.ktc_learned import KTCLearnedReconstructor
 from deepunroll.realdata.ktc_reconstruct import MESH_CHOICES, KTCReconstructor, KTCSettings, data_files
 
 
@@ -33,6 +34,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sigma0", default=str(defaults.sigma0), help="linearisation conductivity, or 'fit'")
     parser.add_argument("--contact-impedance", type=float, default=defaults.contact_impedance)
     parser.add_argument("--gauss-newton-steps", type=int, default=defaults.gauss_newton_steps)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a checkpoint trained on data=ktc2023_sim (docs/ktc_learned.md); absent: the linearised "
+                             "difference baseline with the settings above")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser.parse_args(argv)
 
@@ -49,7 +53,10 @@ def run(args: argparse.Namespace) -> None:
                            args.gauss_newton_steps)
     start = time.perf_counter()
     ref = ktc2023.load_measurement(args.input_dir / "ref.mat")
-    reconstructor = KTCReconstructor(ref, settings)
+    if args.model is None:
+        reconstructor = KTCReconstructor(ref, settings)
+    else:
+        reconstructor = KTCLearnedReconstructor(args.model, args.input_dir / "ref.mat")
     setup = time.perf_counter() - start
     data = np.stack([ktc2023.load_measurement(path)["uel"] for _, path in files])
     if data.shape[1] != ref["uel"].size:
@@ -59,7 +66,8 @@ def run(args: argparse.Namespace) -> None:
     for (number, _), image in zip(files, labels):
         scipy.io.savemat(str(args.output_dir / f"{number}.mat"), {"reconstruction": image})
     total = time.perf_counter() - start
-    print(f"level {args.level}: {len(files)} reconstructions written to {args.output_dir} in {total:.1f} s "
+    method = f"network {args.model}" if args.model else "linearised difference baseline"
+    print(f"level {args.level}: {len(files)} reconstructions ({method}) written to {args.output_dir} in {total:.1f} s "
           f"(setup {setup:.1f} s: mesh, Jacobian, prior; {reconstructor.n_elements} elements, sigma0 "
           f"{reconstructor.sigma0:.4g})")
 

@@ -95,6 +95,61 @@ def test_gauss_newton_direction_does_not_depend_on_the_measurement_scale(toy):
     assert float(DataFit(big, "scaled").scale) == pytest.approx(1000 * float(DataFit(op, "scaled").scale), rel=1e-12)
 
 
+def test_frozen_gauss_newton_is_gauss_newton_with_the_reference_jacobian(toy):
+    """At x_ref frozen_gn equals gauss_newton (measured 1e-15); elsewhere it is G (F(x) - y) with G from J(x_ref),
+    so it differs from gauss_newton at x (the Jacobian moved); LPD's input is c G h. Relinearising after the
+    operator changed rebuilds G."""
+    op, x, y = toy
+    frozen, full = DataFit(op, "frozen_gn", damping=0.05), DataFit(op, "gauss_newton", damping=0.05)
+    x_ref = op.reference_point().expand_as(x).contiguous()
+    torch.testing.assert_close(frozen.misfit_direction(op, x_ref, y)[0], full.misfit_direction(op, x_ref, y)[0],
+                               rtol=1e-10, atol=1e-14)
+    jac = op.jacobian(op.reference_point())[0]
+    gram = jac @ jac.T
+    gain = jac.T @ torch.linalg.inv(gram + 0.05 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype))
+    d, aux = frozen.misfit_direction(op, x, y)
+    torch.testing.assert_close(d, (op(x) - y) @ gain.T, rtol=1e-9, atol=1e-13)
+    assert aux is None and float((d - full.misfit_direction(op, x, y)[0]).norm() / d.norm()) > 1e-3
+    h = torch.randn_like(y)
+    torch.testing.assert_close(frozen.adjoint_direction(op, x, h), frozen.scale * h @ gain.T, rtol=1e-9, atol=1e-13)
+
+    class Doubled(NonlinearConv1d):
+        def _jacobian(self, x):
+            return 2 * super()._jacobian(x)
+
+    frozen.linearise_at_reference(Doubled())
+    torch.testing.assert_close(frozen.gain, (2 * jac).T @ torch.linalg.inv(
+        4 * gram + 0.05 * 4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)), rtol=1e-9, atol=1e-13)
+
+
+def test_direction_none_is_a_post_processing_network_of_the_same_size():
+    """net.direction=none: the trained blocks never see the data term, so swapping every y leaves the output
+    unchanged; the parameter count equals the unrolled network's; the ablation context leaves it disabled."""
+    from deepunroll.ablation import data_term_removed
+
+    outputs, sizes = {}, {}
+    for kind in ("scaled", "none"):
+        cfg = compose_config(["+experiment=toy_lpgd_rma", f"net.direction={kind}", "net.n_iter=2", "seed=0"])
+        op, _, model = build_problem(cfg)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.05 * torch.randn_like(param))  # zero-init blocks would hide any input
+        x = torch.rand(3, *op.in_shape, dtype=torch.float64)
+        y = op(x).float()
+        x0 = (x + 0.1).float()
+        with torch.no_grad():
+            outputs[kind] = (model(y, x0), model(y.roll(1, 0), x0))
+        sizes[kind] = sum(p.numel() for p in model.parameters())
+        if kind == "none":
+            with data_term_removed(model):
+                pass
+            assert model.data_fit.disabled
+    assert sizes["scaled"] == sizes["none"]
+    assert torch.equal(*outputs["none"])
+    assert float((outputs["scaled"][0] - outputs["scaled"][1]).abs().max()) > 1e-4
+
+
 def test_measurements_are_centred_and_scaled(toy):
     op, x, y = toy
     fit = DataFit(op, "scaled")
@@ -136,7 +191,8 @@ def test_every_kind_builds_and_runs_lpgd_and_lpd(kind, normalize):
         loss = out.square().sum() + sum(p.square().sum() for p in model.parameters())  # zero-init nets need a push
         loss.backward()
         assert out.shape == (3, *op.in_shape) and math.isfinite(loss.item())
-        assert model.data_fit.kind == kind and ("scale" in model.state_dict() or "data_fit.scale" in model.state_dict()) == (kind != "raw")
+        assert model.data_fit.kind == kind and ("scale" in model.state_dict() or "data_fit.scale" in model.state_dict()) == (kind not in ("raw", "none"))
+        assert not any(key.endswith("gain") for key in model.state_dict())  # frozen_gn rebuilds G, never saves it
 
 
 @pytest.mark.parametrize("kind", ["scaled", "gauss_newton"])

@@ -128,6 +128,25 @@ def test_vjp_matches_autograd_through_the_solve_and_finite_differences(operators
 
 
 @needs_data
+def test_nonpositive_iterates_are_floored_with_zero_derivative(operators):
+    """A network's iterate below the floor (1e-3 sigma_bg) is a valid input: F(x) = F(max(x, floor)) exactly, and
+    vjp, misfit_grad and the Jacobian's columns vanish on the floored elements (elsewhere they are the floored
+    point's)."""
+    op = operators[1]
+    x = KTCPhantoms().sample(op, 2, torch.Generator().manual_seed(3))
+    low = x.clone()
+    low[:, :40] = -0.01
+    floored = low.clamp_min(1e-3 * op.background)
+    assert torch.equal(op(low), op(floored))
+    v = torch.randn(2, 2356, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    residual = op(floored) - v
+    for grad, vector in ((op.vjp(low, v), v), (op.misfit_grad(low, v), residual),
+                         ((op.jacobian(low).transpose(1, 2) @ v[..., None])[..., 0], v)):
+        assert torch.equal(grad[:, :40], torch.zeros_like(grad[:, :40]))
+        assert float((grad[:, 40:] - op.vjp(floored, vector)[:, 40:]).norm() / grad.norm()) < 1e-12
+
+
+@needs_data
 @pytest.mark.parametrize("level, noisy_error, log_error", [(1, 0.757, 0.733), (3, 0.767, 0.743)])
 def test_linearised_x0_is_closer_than_the_background(operators, level, noisy_error, log_error):
     """64 targets with the organisers' noise: relative L2 error of x0 vs the background's (= 1), for mild
@@ -186,8 +205,8 @@ def test_relative_noise_datasets_keep_their_fingerprint():
 
 def test_missing_data_root_is_one_clear_error(tmp_path):
     """Directly and through the config: one line naming operator.data_root and what it must hold."""
-    expected = (rf"^operator.data_root='{tmp_path}': expected the KTC2023 data folder, holding training/ref.mat "
-                r"\(set operator.data_root=PATH or DEEPUNROLL_KTC_ROOT\)$")
+    expected = (rf"^operator.data_root='{tmp_path}': expected the KTC2023 data folder, holding training/ref.mat"
+                r", or a ref.mat file \(set operator.data_root=PATH or DEEPUNROLL_KTC_ROOT\)$")
     with pytest.raises(ConfigError, match=expected):
         KTCDifferenceCEM(str(tmp_path))
     with pytest.raises(ConfigError, match=expected):

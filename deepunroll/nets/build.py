@@ -42,7 +42,7 @@ def build_model(net_cfg: DictConfig, accel_cfg: DictConfig, operator: ForwardOpe
 
     Optional keys: ``net.backprop`` (full | checkpoint | jfb | restarted_jfb | deq), ``net.fixed_point.*``
     (their settings), ``net.spectral_norm`` (bound on every convolution kernel's norm; null: off),
-    ``net.direction`` (raw | scaled | gauss_newton; absent: raw, as in checkpoints written before it
+    ``net.direction`` (raw | scaled | gauss_newton | none; absent: raw, as in checkpoints written before it
     existed), ``net.direction_damping`` (gauss_newton's lambda / mean diag(J J^T)) and
     ``net.direction_normalize`` (per-sample rms normalisation, magnitude as an extra channel).
     """

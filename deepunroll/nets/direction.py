@@ -13,10 +13,19 @@ kind         misfit direction (LPGD, MA, RMA, PnP) LPD dual inputs F(x), y  LPD 
 raw          J^T r  (published; r = F(x) - y)      F(x), y                  J^T h
 scaled       J^T r / c^2                           F~(x), y~                J^T h / c
 gauss_newton J^T (J J^T + lam I)^{-1} r            F~(x), y~                c J^T (J J^T + lam I)^{-1} h
+frozen_gn    G r, G = J0^T (J0 J0^T + lam0 I)^{-1}   F~(x), y~                c G h
+none         0 (no data term: post-processing)     F(x), y                  0
 ============ ===================================== ======================== ============================
 
 ``normalize`` (scaled, gauss_newton): the misfit direction d is divided by its per-sample rms, and
 log10 rms(d) goes to LPGD's blocks as an extra constant channel, so its magnitude is not lost.
+``frozen_gn``: gauss_newton with the Jacobian frozen at x_ref, J0 = J(x_ref): G (n_in, n_out) is built once
+per operator (one M x M Cholesky), so an iterate costs one forward F(x) and one product, where
+``gauss_newton`` costs a Jacobian and a factorisation per sample (about 1 s per sample on the KTC2023 tank).
+G is not saved in checkpoints: it is rebuilt from the operator (:meth:`DataFit.linearise_at_reference`,
+also after the operator is swapped, e.g. for another level of missing electrodes).
+``none`` trains the same network with every data-fit direction zero: the post-processing baseline of
+equal size (it never calls the operator's derivatives; LPD's dual blocks still read F(x) and y).
 ``gauss_newton``: lam = ``damping`` x mean(diag(J J^T)) per sample (scale-free); the M x M system
 (M measurements) is solved by one batched Cholesky per iterate, J from ``operator.linearize``.
 """
@@ -28,7 +37,7 @@ from torch import nn
 
 from deepunroll.operators.base import ForwardOperator
 
-KINDS = ("raw", "scaled", "gauss_newton")
+KINDS = ("raw", "scaled", "gauss_newton", "frozen_gn", "none")
 
 
 class DataFit(nn.Module):
@@ -44,16 +53,28 @@ class DataFit(nn.Module):
             raise ValueError(f"net.direction={kind!r}; expected one of {list(KINDS)}")
         if not damping > 0:
             raise ValueError(f"net.direction_damping={damping}; expected > 0 (fraction of mean diag(J J^T))")
-        if normalize and kind == "raw":
-            raise ValueError("net.direction_normalize=true needs net.direction=scaled or gauss_newton (raw is the published input)")
+        if normalize and kind in ("raw", "none"):
+            raise ValueError(f"net.direction_normalize=true needs net.direction=scaled or gauss_newton, not {kind}")
         self.kind, self.damping, self.normalize = kind, float(damping), bool(normalize)
-        self.disabled = False  # set by deepunroll.ablation.data_term_removed: every direction returns zeros
-        if kind != "raw":
+        # every direction returns zeros: always with ``none``, within deepunroll.ablation.data_term_removed
+        self.disabled = kind == "none"
+        if kind not in ("raw", "none"):
             x_ref = operator.reference_point().to(torch.float64)
             with torch.no_grad():
                 y_ref = operator(x_ref)[0].to(torch.float64)
             self.register_buffer("scale", torch.tensor(operator_norm(operator, x_ref, power_iters), dtype=torch.float64))
             self.register_buffer("y_ref", y_ref)
+        if kind == "frozen_gn":
+            self.linearise_at_reference(operator)
+
+    def linearise_at_reference(self, operator: ForwardOperator) -> None:
+        """``frozen_gn``: (re)build G = J0^T (J0 J0^T + lam0 I)^{-1} (n_in, n_out) float64 at the operator's
+        reference point (non-persistent buffer ``gain``)."""
+        jac = operator.jacobian(operator.reference_point().to(torch.float64))[0].to(torch.float64)  # (M, N)
+        gram = jac @ jac.T
+        gram.diagonal().add_(self.damping * gram.diagonal().mean())
+        gain = torch.cholesky_solve(jac, torch.linalg.cholesky(gram)).T  # (N, M) = J0^T (J0 J0^T + lam0 I)^-1
+        self.register_buffer("gain", gain.contiguous(), persistent=False)
 
     @property
     def aux_channels(self) -> int:
@@ -61,14 +82,14 @@ class DataFit(nn.Module):
         return 1 if self.normalize else 0
 
     def extra_repr(self) -> str:
-        scale = "" if self.kind == "raw" else f", scale={float(self.scale):.4g}"
+        scale = "" if self.kind in ("raw", "none") else f", scale={float(self.scale):.4g}"
         damping = f", damping={self.damping}" if self.kind == "gauss_newton" else ""
         return f"kind={self.kind}{scale}{damping}" + (", normalize=True" if self.normalize else "")
 
     # --------------------------------------------------- measurement space
     def measurements(self, v: torch.Tensor) -> torch.Tensor:
         """Voltages/measurements as the blocks see them: v (raw) or (v - y_ref) / c, float64 in, float64 out."""
-        if self.kind == "raw":
+        if self.kind in ("raw", "none"):
             return v
         return (v - self.y_ref) / self.scale
 
@@ -79,6 +100,8 @@ class DataFit(nn.Module):
         if self.kind == "gauss_newton":
             predicted, jac = operator.linearize(x)
             d = _regularised_pseudo_inverse(jac, predicted - y, self.damping, x.shape)
+        elif self.kind == "frozen_gn":
+            d = self._frozen(operator(x) - y, x.shape)
         else:
             d = operator.misfit_grad(x, y)
             if self.kind == "raw":
@@ -94,8 +117,14 @@ class DataFit(nn.Module):
         if self.kind == "gauss_newton":
             _, jac = operator.linearize(x)
             return self.scale * _regularised_pseudo_inverse(jac, h.to(jac.dtype), self.damping, x.shape)
+        if self.kind == "frozen_gn":
+            return self.scale * self._frozen(h, x.shape)
         grad = operator.vjp(x, h)
         return grad if self.kind == "raw" else grad / self.scale
+
+    def _frozen(self, r: torch.Tensor, x_shape) -> torch.Tensor:
+        """G r: r (B, *out) -> (B, *x_shape)."""
+        return (r.reshape(r.shape[0], -1).to(self.gain.dtype) @ self.gain.T).reshape(x_shape)
 
 
 def _regularised_pseudo_inverse(jac: torch.Tensor, r: torch.Tensor, damping: float, x_shape) -> torch.Tensor:

@@ -9,7 +9,8 @@ V the :class:`~deepunroll.operators.eit.cem.CompleteElectrodeModel` on :func:`kt
 injection / measurement patterns of ``ref.mat`` under ``data_root`` and contact impedance z, sigma_bg the
 water background (defaults: the empty-tank calibration on this mesh, docs/ktc_sim.md), keep (2356,) the
 rows :func:`ktc2023.level_keep_mask` keeps at ``level`` (removed rows are exactly 0, so residuals there
-vanish). The offset does not change derivatives: J_F = keep * J_V, and ``vjp`` / ``misfit_grad`` /
+vanish). sigma is floored at 1e-3 sigma_bg before the CEM (iterates of a network may leave the positive
+cone; the derivative is 0 where the floor holds). The offset does not change derivatives: J_F = keep * J_V, and ``vjp`` / ``misfit_grad`` /
 ``jacobian`` are the CEM's with the mask applied. :meth:`noise_std` is the organisers' reference noise model
 on the simulated empty tank, sqrt((0.05 % |V_bg|)^2 + (0.01 % max|V_bg|)^2), 0 on removed rows; with
 ``data.noise_model: operator`` the dataset adds data.noise times that std (``deepunroll.data.make``).
@@ -37,21 +38,32 @@ from deepunroll.validation import OPEN_UNIT_INTERVAL, POSITIVE, ConfigError, che
 _DTYPE = torch.float64
 # empty-tank calibration (operators.eit.calibration.fit_background) of ref.mat on tank_mesh(0.05): docs/ktc_sim.md
 CALIBRATED_BACKGROUND, CALIBRATED_Z = 0.727, 1.2e-4
+FLOOR = 1e-3  # the CEM sees max(sigma, FLOOR * background): network iterates may go negative
 REF = "training/ref.mat"   # under data_root: the empty tank, whose Inj / Mpat are the patterns
+
+
+def reference_file(data_root: str | Path) -> Path:
+    """The empty-tank file whose Inj / Mpat are the patterns: data_root itself if it is a .mat file, else
+    data_root/training/ref.mat."""
+    path = Path(data_root)
+    return path if path.suffix == ".mat" else path / REF
 
 
 class KTCDifferenceCEM(ForwardOperator):
     """Difference-data CEM of the KTC2023 tank: sigma (B, E) S/m -> keep * (V(sigma) - V(sigma_bg)) (B, 2356) V.
 
-    data_root: the KTC2023 folder (``training/ref.mat`` supplies Inj and Mpat); h0: mesh size in tank radii
+    data_root: the KTC2023 folder (``training/ref.mat`` supplies Inj and Mpat) or a ref.mat file; h0: mesh size in tank radii
     (0.05: 2,935 triangles); contact_impedance z (Ohm m^2-like units of the files); background sigma_bg
     (S/m); level 1..7 (electrodes 1..2(L-1) removed); noise_relative / noise_of_max: the reference noise
     model's fractions (0.05 %, 0.01 %).
     """
 
+    radius = ktc2023.RADIUS  # m: the tank's; net.domain=grid spans this disk
+
     RULES = {
-        "data_root": (lambda v: isinstance(v, (str, Path)) and str(v) != "" and (Path(v) / REF).is_file(),
-                      f"the KTC2023 data folder, holding {REF} (set operator.data_root=PATH or DEEPUNROLL_KTC_ROOT)"),
+        "data_root": (lambda v: isinstance(v, (str, Path)) and str(v) != "" and reference_file(v).is_file(),
+                      f"the KTC2023 data folder, holding {REF}, or a ref.mat file (set operator.data_root=PATH or "
+                      "DEEPUNROLL_KTC_ROOT)"),
         "h0": (lambda v: is_number(v) and 0.01 <= v <= 0.3,
                "a mesh size in tank radii in [0.01, 0.3]"),
         "contact_impedance": POSITIVE,
@@ -68,7 +80,7 @@ class KTCDifferenceCEM(ForwardOperator):
         check_all("operator", self.RULES, dict(data_root=data_root, h0=h0, contact_impedance=contact_impedance,
                                                background=background, level=level, noise_relative=noise_relative,
                                                noise_of_max=noise_of_max))
-        ref = ktc2023.load_measurement(Path(data_root) / REF)
+        ref = ktc2023.load_measurement(reference_file(data_root))
         nodes, elements, faces = ktc2023.tank_mesh(float(h0))
         self.cem = CompleteElectrodeModel(nodes, elements, faces, ref["inj"], ref["mpat"], float(contact_impedance),
                                           device=device)
@@ -121,27 +133,37 @@ class KTCDifferenceCEM(ForwardOperator):
         return self.noise_sd
 
     # ----------------------------------------------------------------- physics
+    def _floored(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(max(sigma, floor), 1 where sigma > floor else 0): the CEM sees the floored conductivity, so a network's
+        iterate that leaves the positive cone is still a valid input; the derivative is 0 where the floor holds."""
+        floor = FLOOR * self.background
+        return sigma.clamp_min(floor), (sigma > floor).to(sigma.dtype)
+
     def _forward(self, sigma: torch.Tensor) -> torch.Tensor:
-        return ((self.cem(sigma).to(_DTYPE) - self.background_voltages) * self.keep).to(sigma.dtype)
+        floored, _ = self._floored(sigma)
+        return ((self.cem(floored).to(_DTYPE) - self.background_voltages) * self.keep).to(sigma.dtype)
 
     def _vjp(self, sigma: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.cem.vjp(sigma, v * self.keep.to(v.dtype))
+        floored, active = self._floored(sigma)
+        return self.cem.vjp(floored, v * self.keep.to(v.dtype)) * active
 
     def _jacobian(self, sigma: torch.Tensor) -> torch.Tensor:
-        return self.cem.jacobian(sigma) * self.keep.to(sigma.dtype)[:, None]
+        floored, active = self._floored(sigma)
+        return self.cem.jacobian(floored) * self.keep.to(sigma.dtype)[:, None] * active[:, None, :]
 
     def misfit_grad(self, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """J_F^T (F(sigma) - y) (B, E) from one factorisation per sample (the CEM's fields). With J_F = keep * J and
         keep in {0, 1}, J_F^T (F - y) = J^T r for r = keep * (V(sigma) - V(sigma_bg) - y): keep is applied once."""
         self.check_input(y, "y", self.out_shape)
-        sigma64, _ = self.cem._inputs(sigma, None)
+        floored, active = self._floored(sigma)
+        sigma64, _ = self.cem._inputs(floored, None)
         size = self.cem.cholesky.chunk_size(sigma64.device)
         parts = []
         for part, target in zip(sigma64.split(size), y.to(_DTYPE).split(size)):
             fields = self.cem.fields(part)
             residual = (self.cem.voltages_from_fields(fields) - self.background_voltages - target) * self.keep
             parts.append(self.cem.vjp_from_fields(fields, residual))
-        return torch.cat(parts).to(sigma.dtype)
+        return (torch.cat(parts) * active.to(_DTYPE)).to(sigma.dtype)
 
 
 class KTCDifferenceX0:

@@ -58,13 +58,15 @@ class GridOperator(ForwardOperator):
     """F(to_mesh(z)) for images z (B, n, n): a mesh operator seen from a pixel grid.
 
     vjp, misfit_grad and jacobian use the mesh operator's exact versions and the adjoint of
-    ``to_mesh`` (its transpose).
+    ``to_mesh`` (its transpose). The grid spans the disk of radius ``mesh_operator.radius`` (absent: 1, the
+    unit disk of the EIT operator; the KTC2023 tank: 0.115 m).
     """
 
     def __init__(self, mesh_operator: ForwardOperator, resolution: int = 32) -> None:
         super().__init__()
         self.mesh_operator = mesh_operator
-        self.grid = MeshGrid(mesh_operator.centroids, resolution)
+        radius = float(getattr(mesh_operator, "radius", 1.0))
+        self.grid = MeshGrid(torch.as_tensor(mesh_operator.centroids, dtype=torch.float64) / radius, resolution)
         self.in_shape = (self.grid.resolution, self.grid.resolution)
         self.out_shape = tuple(mesh_operator.out_shape)
 

@@ -1,0 +1,105 @@
+"""A network trained on simulated KTC2023 data (``data=ktc2023_sim``) run on measured tank data.
+
+:class:`KTCLearnedReconstructor` has the interface of :class:`ktc_reconstruct.KTCReconstructor`
+(``images(data, level)``, ``labels(data, level)``, ``n_elements``, ``sigma0``). For measurements U (B, 2356)
+(NaN where a level removed electrodes) and the empty tank U_ref of ``ref.mat`` it forms the difference data
+y = keep_L * (U - U_ref) (NaN -> 0), builds the level's operator (its electrodes removed; a network trained at
+one level serves all: the data term carries the level) and its linearised x0, runs the network, and turns the
+change sigma - sigma_bg into a nodal 256 x 256 image and the organisers' Otsu labels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from deepunroll.operators.eit.grid import GridOperator
+from deepunroll.pipeline import load_checkpoint_config, load_model
+from deepunroll.realdata import ktc2023
+from deepunroll.realdata.ktc_sim import KTCDifferenceCEM
+from deepunroll.realdata.pixel_grid import PixelMap
+from deepunroll.realdata.segmentation import segment_ktc
+
+
+def on_operator(model: torch.nn.Module, operator: KTCDifferenceCEM) -> torch.nn.Module:
+    """The model with its mesh operator replaced (same mesh, another level's mask), grid or native domain;
+    a ``frozen_gn`` direction is relinearised for the new operator."""
+    inner = getattr(model, "net", model)
+    if isinstance(inner.operator, GridOperator):
+        inner.operator.mesh_operator = operator
+    else:
+        inner.operator = operator
+    if inner.data_fit.kind == "frozen_gn":
+        inner.data_fit.linearise_at_reference(inner.operator)
+    return model
+
+
+class TankImages:
+    """Element conductivities (B, E) S/m on a KTC operator's mesh -> 256 x 256 change images and labels."""
+
+    def __init__(self, operator: KTCDifferenceCEM) -> None:
+        self.background = operator.background
+        self.pixels = PixelMap(operator.nodes.cpu().numpy(), operator.elements.cpu().numpy())
+
+    def images(self, sigma: torch.Tensor) -> np.ndarray:
+        """(B, 256, 256) conductivity changes sigma - sigma_bg (nodal images, 0 outside the tank)."""
+        return self.pixels(sigma.detach().double().cpu().numpy() - self.background)
+
+    def labels(self, sigma: torch.Tensor) -> np.ndarray:
+        """(B, 256, 256) uint8 (0 water, 1 resistive, 2 conductive) by the organisers' Otsu rule."""
+        return np.stack([segment_ktc(image) for image in self.images(sigma)])
+
+
+class KTCLearnedReconstructor:
+    """Built from a checkpoint trained on ``operator=ktc_cem`` and the empty-tank file ``ref_path`` (its Inj / Mpat
+    are the patterns, its Uel the reference voltages)."""
+
+    def __init__(self, checkpoint: str | Path, ref_path: str | Path, device: str | torch.device = "cpu") -> None:
+        checkpoint, ref_path = Path(checkpoint), Path(ref_path)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"model checkpoint {checkpoint} does not exist")
+        overrides = {"operator.data_root": str(ref_path)}
+        self.cfg = load_checkpoint_config(checkpoint)
+        if self.cfg.operator.get("_target_") != f"{KTCDifferenceCEM.__module__}.{KTCDifferenceCEM.__name__}":
+            raise ValueError(f"model checkpoint {checkpoint}: trained on operator {self.cfg.operator.get('_target_')}, "
+                             "expected the KTC2023 tank (operator=ktc_cem)")
+        self.cfg.operator.data_root = str(ref_path)
+        self.model = load_model(checkpoint, device, overrides)
+        self.ref = ktc2023.load_measurement(ref_path)
+        self.initial_guess = instantiate(self.cfg.x0)
+        self._operators: dict[int, KTCDifferenceCEM] = {}
+        trained = self.operator(int(self.cfg.operator.level))
+        self.tank = TankImages(trained)
+        self.n_elements, self.sigma0 = trained.n_in, trained.background
+
+    def operator(self, level: int) -> KTCDifferenceCEM:
+        """The level's operator (built once)."""
+        if level not in self._operators:
+            ktc2023.removed_electrodes(level)  # checks the level
+            device = next(self.model.parameters()).device
+            self._operators[level] = instantiate(self.cfg.operator, level=level, device=device)
+        return self._operators[level]
+
+    def reconstruct(self, data: np.ndarray, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, sigma), each (B, E) float64 S/m, for measurements data (B, 2356) or (2356,)."""
+        operator = self.operator(level)
+        data = np.atleast_2d(np.asarray(data, dtype=np.float64))
+        if data.shape[1] != operator.n_out:
+            raise ValueError(f"KTC data: expected {operator.n_out} voltages per target, got {data.shape[1]}")
+        delta = torch.as_tensor(data - self.ref["uel"].reshape(1, -1), device=operator.keep.device)
+        y = torch.nan_to_num(delta) * operator.keep
+        on_operator(self.model, operator)
+        x0 = self.initial_guess(operator, y)
+        dtype = next(self.model.parameters()).dtype
+        with torch.no_grad():
+            sigma = self.model(y.to(dtype), x0.to(dtype)).double()
+        return x0, sigma
+
+    def images(self, data: np.ndarray, level: int) -> np.ndarray:
+        return self.tank.images(self.reconstruct(data, level)[1])
+
+    def labels(self, data: np.ndarray, level: int) -> np.ndarray:
+        return self.tank.labels(self.reconstruct(data, level)[1])

@@ -1,0 +1,160 @@
+"""Learned KTC2023 reconstructions: trained on simulation (data=ktc2023_sim), scored on the measured training levels.
+
+    python scripts/reproduce.py study=ktc2023_learned data_root=PATH/TO/ktc2023 [profile=quick] [workers=2]
+
+Every variant x seed of the profile (configs/reproduce/ktc2023_learned.yaml) trains one network on simulated
+level-1 difference data through the resumable runner (:func:`run_one`). Each trained network is then run on
+
+* the simulated test split (first ``sim_samples`` targets): KTC score against the drawn classes, the
+  sim side of the sim-to-real check, and the physics ablation (data term removed, another sample's y);
+* the measured training levels 1-7 (4 targets each): y = U - U_ref with NaN rows set to 0, the level's own
+  operator (its electrodes removed; the network was trained at level 1) and x0 = the linearised step of that
+  operator, so the data term, not the weights, carries the level.
+
+Reconstructions become labels as in the baseline: the change sigma - sigma_bg on the 256 x 256 grid (nodal
+images) and the organisers' Otsu rule. The linearised x0 alone is scored the same way. Writes
+results/ktc2023_learned.{csv,md} and figures/ktc2023_learned_<method>.png (seed 0: level rows, targets).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from deepunroll.metrics import ktc_score
+from deepunroll.pipeline import load_datasets
+from deepunroll.realdata import ktc2023
+from deepunroll.realdata.ktc_learned import KTCLearnedReconstructor
+from deepunroll.realdata.pixel_grid import PixelMap
+from deepunroll.realdata.segmentation import segment_ktc
+from deepunroll.studies.common import (load_profile, markdown_table, measured_data_root, paired, run_ablation,
+                                       run_one, slug, val_curve)
+from deepunroll.studies.ktc2023_levels import REFERENCE_TOTAL, load_level, load_truths, plot_levels
+from deepunroll.tables import write_csv
+
+COLUMNS = ["method", "seed", "split", "level", "target", "score", "git_commit"]
+BASELINE = "linearised x0"
+
+
+def sim_truths(operator, classes: torch.Tensor) -> np.ndarray:
+    """(B, 256, 256) uint8 labels of per-element classes (B, E) on the operator's mesh (each pixel its triangle's)."""
+    pixels = PixelMap(operator.nodes.cpu().numpy(), operator.elements.cpu().numpy(), mode="element")
+    return np.rint(pixels(classes.double().cpu().numpy())).astype(np.uint8)
+
+
+def _scored(method: str, seed: int, split: str, level: int, truths, labels, commit: str) -> list[dict]:
+    return [{"method": method, "seed": seed, "split": split, "level": level, "target": index,
+             "score": round(ktc_score(truth, label), 4), "git_commit": commit}
+            for index, (truth, label) in enumerate(zip(truths, labels), start=1)]
+
+
+def score_run(run_dir: Path, method: str, seed: int, root: Path, truths: np.ndarray, n_sim: int, commit: str):
+    """(rows of the network, rows of its x0, {name: (images, labels) (7, 4, 256, 256)}) of one trained run."""
+    reconstructor = KTCLearnedReconstructor(run_dir / "checkpoints" / "best.pt", root / "training" / "ref.mat")
+    cfg, model = reconstructor.cfg, reconstructor.model
+    test = load_datasets(cfg, model.operator, splits=("test",))["test"]
+    sim = slice(0, min(n_sim, len(test)))
+    with torch.no_grad():
+        sigma = model(test.y[sim].float(), test.x0[sim].float()).double()
+    sim_truth = sim_truths(model.operator, instantiate(cfg.data.generator).labels(test.x[sim].double()))
+    tank = reconstructor.tank
+    rows = _scored(method, seed, "sim", 1, sim_truth, tank.labels(sigma), commit)
+    base_rows = _scored(BASELINE, seed, "sim", 1, sim_truth, tank.labels(test.x0[sim].double()), commit)
+    pictures = {method: ([], []), BASELINE: ([], [])}
+    for level in range(1, ktc2023.N_LEVELS + 1):
+        x0, sigma = reconstructor.reconstruct(load_level(root, level), level)
+        for name, values, store in ((method, sigma, rows), (BASELINE, x0, base_rows)):
+            images = tank.images(values)
+            labels = np.stack([segment_ktc(image) for image in images])
+            store += _scored(name, seed, "measured", level, truths, labels, commit)
+            pictures[name][0].append(images), pictures[name][1].append(labels)
+    return rows, base_rows, {name: (np.stack(i), np.stack(l)) for name, (i, l) in pictures.items()}
+
+
+def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Path | None = None,
+        report_only: bool = False) -> list[dict]:
+    spec = load_profile("ktc2023_learned", profile)
+    root = measured_data_root("ktc2023_learned", profile, {profile: spec}, data_root,
+                              "the KTC2023 folder (training/, training_levels/; published on Zenodo, see the "
+                              "README's Real tanks section)").resolve()
+    truths = load_truths(root)
+    runs_dir = Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce"
+    rows, ablations, curves, pictures, baseline = [], {}, {}, {}, None
+    for seed in spec["seeds"]:
+        for method, extra in spec["variants"].items():
+            run_dir = runs_dir / f"ktc2023_learned_{profile}" / slug(f"{method}_seed={seed}")
+            overrides = [f"+experiment={spec['experiment']}", *spec["base"], *extra, f"seed={seed}",
+                         f"operator.data_root={root}", "train.device=cpu", "evaluate=false",
+                         f"data.root={runs_dir / 'data'}"]
+            result = run_one(overrides, run_dir, {"study": "ktc2023_learned", "variant": method}, report_only)
+            if result is None:
+                continue
+            run_rows, base_rows, run_pictures = score_run(run_dir, method, seed, root, truths, spec["sim_samples"],
+                                                          result["git_commit"])
+            rows += run_rows
+            baseline = baseline or base_rows  # x0 is the same for every run (same data and operator)
+            ablations[method, seed] = run_ablation(run_dir)
+            curves[method, seed] = val_curve(run_dir)
+            if seed == spec["seeds"][0]:
+                pictures.update(run_pictures)
+    if baseline is None:
+        return rows
+    rows = baseline + rows
+    _write(profile, out_dir, rows, ablations, curves, pictures, truths, spec)
+    return rows
+
+
+def _totals(rows: list[dict], method: str, seed: int | None = None) -> dict:
+    """{level: sum of the 4 measured scores}, plus "total" and "sim" (mean simulated score), for one method/seed."""
+    mine = [r for r in rows if r["method"] == method and (seed is None or r["seed"] == seed)]
+    out = {level: sum(r["score"] for r in mine if r["split"] == "measured" and r["level"] == level)
+           for level in range(1, ktc2023.N_LEVELS + 1)}
+    out["total"] = sum(out.values())
+    out["sim"] = float(np.mean([r["score"] for r in mine if r["split"] == "sim"]))
+    return out
+
+
+def _write(profile, out_dir, rows, ablations, curves, pictures, truths, spec) -> None:
+    results, figures = out_dir / "results", out_dir / "figures"
+    results.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, results / "ktc2023_learned.csv", COLUMNS)
+    header = ["method", "seed", *[f"L{level}" for level in range(1, ktc2023.N_LEVELS + 1)], "total (max 28)",
+              "sim score (mean, max 1)", "MSE ratio, data term removed", "MSE ratio, another y", "epochs"]
+    base = _totals(rows, BASELINE, rows[0]["seed"])
+    body = [[BASELINE, "-", *[f"{base[level]:.3f}" for level in range(1, 8)], f"{base['total']:.3f}",
+             f"{base['sim']:.3f}", "-", "-", "-"]]
+    seeds_of = {}
+    for (method, seed), ablation in ablations.items():
+        totals = _totals(rows, method, seed)
+        seeds_of.setdefault(method, []).append(totals)
+        body.append([method, seed, *[f"{totals[level]:.3f}" for level in range(1, 8)], f"{totals['total']:.3f}",
+                     f"{totals['sim']:.3f}", f"{ablation['no_data_term_ratio']:.3f}",
+                     f"{ablation['other_y_ratio']:.3f}", len(curves[method, seed])])
+    lines = [f"# KTC2023: learned reconstructions trained on simulation (`study=ktc2023_learned profile={profile}`)", "",
+             f"Experiment `{spec['experiment']}` with overrides `{' '.join(spec['base']) or '(none)'}`; trained on "
+             "simulated level-1 data only, run on each measured level with that level's operator and linearised x0. "
+             "Measured: KTC score summed over the 4 targets per level (max 4) and over the 7 levels (max 28). Sim: "
+             f"mean KTC score on the first {spec['sim_samples']} simulated test targets (level 1). The organisers' "
+             f"reference method scores {REFERENCE_TOTAL} of 28 on the same measured files; the ratios are the test "
+             "MSE (simulated) of the trained network with the data-fit directions zeroed and with another sample's "
+             "y, over its own.", "", markdown_table(header, body), ""]
+    methods = list(seeds_of)
+    for method in methods:
+        totals = [t["total"] for t in seeds_of[method]]
+        lines.append(f"- {method}: measured total {np.mean(totals):.3f} +- {np.std(totals):.3f} over "
+                     f"{len(totals)} seed(s); {BASELINE} {base['total']:.3f}")
+    if len(methods) == 2 and len(seeds_of[methods[0]]) == len(seeds_of[methods[1]]):
+        gains = [a["total"] - b["total"] for a, b in zip(seeds_of[methods[0]], seeds_of[methods[1]])]
+        summary = paired(gains)
+        lines.append(f"- {methods[0]} vs {methods[1]}: measured total {summary['mean']:+.3f} paired over "
+                     f"{summary['n']} seed(s), {summary['favour']} in favour")
+    lines += ["", f"Figures: figures/ktc2023_learned_<method>.png (seed {spec['seeds'][0]}). git commit "
+              f"{rows[-1]['git_commit']}."]
+    (results / "ktc2023_learned.md").write_text("\n".join(lines) + "\n")
+    for name, (images, labels) in pictures.items():
+        total = _totals(rows, name, spec["seeds"][0])["total"]
+        plot_levels(images, labels, truths, figures / f"ktc2023_learned_{slug(name)}.png",
+                    f"KTC2023 training levels, {name} (trained on simulation): {total:.2f} of 28")

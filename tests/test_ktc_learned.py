@@ -1,0 +1,90 @@
+"""Networks trained on simulated KTC2023 data run on the measured tank: study=ktc2023_learned (profile tiny),
+KTCLearnedReconstructor and scripts/ktc2023.py --model (skip without ../shared/data)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+
+from deepunroll.ablation import data_term_removed
+from deepunroll.realdata import ktc2023
+from deepunroll.realdata.ktc_learned import KTCLearnedReconstructor
+from deepunroll.studies import ktc2023_learned
+from deepunroll.studies.ktc2023_levels import load_level
+
+REPO = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ktc2023"
+pytestmark = pytest.mark.skipif(not (ROOT / "training" / "ref.mat").is_file(),
+                                reason=f"KTC2023 data not found under {ROOT} (published by the challenge on Zenodo)")
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """The tiny profile end to end (two 1-epoch networks on a 232-triangle mesh; about 40 s)."""
+    out = tmp_path_factory.mktemp("ktc_learned")
+    rows = ktc2023_learned.run("tiny", out, ROOT, runs_dir=out / "runs")
+    return out, rows
+
+def test_tiny_study_scores_every_level_and_writes_table_and_figures(tiny_study):
+    """28 measured scores and 4 simulated ones per method; the linearised x0 on this mesh totals 14.296 of 28
+    (measured; deterministic, it does not depend on training)."""
+    out, rows = tiny_study
+    methods = {r["method"] for r in rows}
+    assert methods == {"linearised x0", "unrolled LPGD-RMA", "post-processing"}
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        assert sum(r["split"] == "measured" for r in mine) == 28 and sum(r["split"] == "sim" for r in mine) == 4
+        assert all(0.0 <= r["score"] <= 1.0 for r in mine)
+    baseline = sum(r["score"] for r in rows if r["method"] == "linearised x0" and r["split"] == "measured")
+    assert baseline == pytest.approx(14.296, abs=2e-3)
+    table = (out / "results" / "ktc2023_learned.md").read_text()
+    assert f"{baseline:.3f}" in table and "post-processing" in table
+    for name in ("linearised_x0", "unrolled_lpgd-rma", "post-processing"):
+        assert (out / "figures" / f"ktc2023_learned_{name}.png").stat().st_size > 10_000
+
+def test_unrolled_network_reads_the_measured_data_and_post_processing_does_not(tiny_study):
+    """On measured level-3 data: zeroing the data term changes the unrolled network's output, and leaves the
+    post-processing network (net.direction=none) exactly as it is."""
+    out, _ = tiny_study
+    data = load_level(ROOT, 3)
+    change = {}
+    for name in ("unrolled_lpgd-rma_seed=0", "post-processing_seed=0"):
+        reconstructor = KTCLearnedReconstructor(out / "runs" / "ktc2023_learned_tiny" / name / "checkpoints" / "best.pt",
+                                                ROOT / "training" / "ref.mat")
+        _, full = reconstructor.reconstruct(data, 3)
+        with data_term_removed(reconstructor.model):
+            _, removed = reconstructor.reconstruct(data, 3)
+        change[name] = float((full - removed).abs().max())
+        assert reconstructor.operator(3).keep.sum() == 1404  # level 3's own mask, though trained at level 1
+    assert change["unrolled_lpgd-rma_seed=0"] > 1e-6 and change["post-processing_seed=0"] == 0.0
+
+def test_challenge_script_runs_a_trained_model(tiny_study, tmp_path):
+    """scripts/ktc2023.py --model writes the reconstructor's labels; a missing checkpoint is one line."""
+    out, _ = tiny_study
+    best = out / "runs" / "ktc2023_learned_tiny" / "unrolled_lpgd-rma_seed=0" / "checkpoints" / "best.pt"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "ref.mat").symlink_to(ROOT / "training" / "ref.mat")
+    for k in range(1, 5):
+        (inputs / f"data{k}.mat").symlink_to(ROOT / "training_levels" / "level_2" / f"data{k}.mat")
+    script = [sys.executable, str(REPO / "scripts" / "ktc2023.py"), str(inputs), str(tmp_path / "out"), "2",
+              "--threads", "1"]
+    done = subprocess.run(script + ["--model", str(best)], capture_output=True, text=True, check=True)
+    assert "4 reconstructions (network" in done.stdout
+    expected = KTCLearnedReconstructor(best, ROOT / "training" / "ref.mat").labels(load_level(ROOT, 2), 2)
+
+    for k in range(1, 5):
+        np.testing.assert_array_equal(scipy.io.loadmat(str(tmp_path / "out" / f"{k}.mat"))["reconstruction"],
+                                      expected[k - 1])
+    failed = subprocess.run(script + ["--model", str(tmp_path / "none.pt")], capture_output=True, text=True)
+    assert failed.returncode == 1 and failed.stderr.strip().splitlines() == [
+        f"error: model checkpoint {tmp_path / 'none.pt'} does not exist"]
+
+def test_learned_reconstructor_checks_the_level(tiny_study):
+    out, _ = tiny_study
+    best = out / "runs" / "ktc2023_learned_tiny" / "post-processing_seed=0" / "checkpoints" / "best.pt"
+    with pytest.raises(ValueError, match="level"):
+        KTCLearnedReconstructor(best, ROOT / "training" / "ref.mat").reconstruct(
+            np.zeros((1, 2356)), ktc2023.N_LEVELS + 1)
