@@ -32,17 +32,19 @@ def test_tiny_study_scores_every_level_and_writes_table_and_figures(tiny_study):
     (measured; deterministic, it does not depend on training)."""
     out, rows = tiny_study
     methods = {r["method"] for r in rows}
-    assert methods == {"linearised x0", "unrolled LPGD-RMA", "post-processing"}
+    baseline_name = "linearised x0 (sigma_bg 0.727, z 0.00012)"
+    assert methods == {baseline_name, "unrolled LPGD-RMA", "post-processing"}
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         assert sum(r["split"] == "measured" for r in mine) == 28 and sum(r["split"] == "sim" for r in mine) == 4
         assert all(0.0 <= r["score"] <= 1.0 for r in mine)
-    baseline = sum(r["score"] for r in rows if r["method"] == "linearised x0" and r["split"] == "measured")
+    baseline = sum(r["score"] for r in rows if r["method"] == baseline_name and r["split"] == "measured")
     assert baseline == pytest.approx(14.296, abs=2e-3)
     table = (out / "results" / "ktc2023_learned.md").read_text()
     assert f"{baseline:.3f}" in table and "post-processing" in table
-    for name in ("linearised_x0", "unrolled_lpgd-rma", "post-processing"):
+    for name in ("linearised_x0_sigma_bg_0.727_z_0.00012", "unrolled_lpgd-rma", "post-processing", "curves"):
         assert (out / "figures" / f"ktc2023_learned_{name}.png").stat().st_size > 10_000
+    assert "unrolled LPGD-RMA vs post-processing: measured total" in table
 
 def test_unrolled_network_reads_the_measured_data_and_post_processing_does_not(tiny_study):
     """On measured level-3 data: zeroing the data term changes the unrolled network's output, and leaves the

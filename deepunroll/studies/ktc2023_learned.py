@@ -36,7 +36,6 @@ from deepunroll.studies.ktc2023_levels import REFERENCE_TOTAL, load_level, load_
 from deepunroll.tables import write_csv
 
 COLUMNS = ["method", "seed", "split", "level", "target", "score", "git_commit"]
-BASELINE = "linearised x0"
 
 
 def sim_truths(operator, classes: torch.Tensor) -> np.ndarray:
@@ -51,10 +50,16 @@ def _scored(method: str, seed: int, split: str, level: int, truths, labels, comm
             for index, (truth, label) in enumerate(zip(truths, labels), start=1)]
 
 
+def baseline_name(cfg) -> str:
+    """The x0 row of a run's operator calibration (runs with the same background and z share x0)."""
+    return f"linearised x0 (sigma_bg {cfg.operator.background:g}, z {cfg.operator.contact_impedance:g})"
+
+
 def score_run(run_dir: Path, method: str, seed: int, root: Path, truths: np.ndarray, n_sim: int, commit: str):
     """(rows of the network, rows of its x0, {name: (images, labels) (7, 4, 256, 256)}) of one trained run."""
     reconstructor = KTCLearnedReconstructor(run_dir / "checkpoints" / "best.pt", root / "training" / "ref.mat")
     cfg, model = reconstructor.cfg, reconstructor.model
+    baseline = baseline_name(cfg)
     test = load_datasets(cfg, model.operator, splits=("test",))["test"]
     sim = slice(0, min(n_sim, len(test)))
     with torch.no_grad():
@@ -62,11 +67,11 @@ def score_run(run_dir: Path, method: str, seed: int, root: Path, truths: np.ndar
     sim_truth = sim_truths(model.operator, instantiate(cfg.data.generator).labels(test.x[sim].double()))
     tank = reconstructor.tank
     rows = _scored(method, seed, "sim", 1, sim_truth, tank.labels(sigma), commit)
-    base_rows = _scored(BASELINE, seed, "sim", 1, sim_truth, tank.labels(test.x0[sim].double()), commit)
-    pictures = {method: ([], []), BASELINE: ([], [])}
+    base_rows = _scored(baseline, seed, "sim", 1, sim_truth, tank.labels(test.x0[sim].double()), commit)
+    pictures = {method: ([], []), baseline: ([], [])}
     for level in range(1, ktc2023.N_LEVELS + 1):
         x0, sigma = reconstructor.reconstruct(load_level(root, level), level)
-        for name, values, store in ((method, sigma, rows), (BASELINE, x0, base_rows)):
+        for name, values, store in ((method, sigma, rows), (baseline, x0, base_rows)):
             images = tank.images(values)
             labels = np.stack([segment_ktc(image) for image in images])
             store += _scored(name, seed, "measured", level, truths, labels, commit)
@@ -82,7 +87,7 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
                               "README's Real tanks section)").resolve()
     truths = load_truths(root)
     runs_dir = Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce"
-    rows, ablations, curves, pictures, baseline = [], {}, {}, {}, None
+    rows, ablations, curves, pictures, baselines = [], {}, {}, {}, {}
     for seed in spec["seeds"]:
         for method, extra in spec["variants"].items():
             run_dir = runs_dir / f"ktc2023_learned_{profile}" / slug(f"{method}_seed={seed}")
@@ -95,15 +100,15 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
             run_rows, base_rows, run_pictures = score_run(run_dir, method, seed, root, truths, spec["sim_samples"],
                                                           result["git_commit"])
             rows += run_rows
-            baseline = baseline or base_rows  # x0 is the same for every run (same data and operator)
+            baselines.setdefault(base_rows[0]["method"], base_rows)  # same data and operator: the same x0
             ablations[method, seed] = run_ablation(run_dir)
             curves[method, seed] = val_curve(run_dir)
             if seed == spec["seeds"][0]:
                 pictures.update(run_pictures)
-    if baseline is None:
+    if not baselines:
         return rows
-    rows = baseline + rows
-    _write(profile, out_dir, rows, ablations, curves, pictures, truths, spec)
+    rows = [row for base in baselines.values() for row in base] + rows
+    _write(profile, out_dir, rows, list(baselines), ablations, curves, pictures, truths, spec)
     return rows
 
 
@@ -117,15 +122,17 @@ def _totals(rows: list[dict], method: str, seed: int | None = None) -> dict:
     return out
 
 
-def _write(profile, out_dir, rows, ablations, curves, pictures, truths, spec) -> None:
+def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truths, spec) -> None:
     results, figures = out_dir / "results", out_dir / "figures"
     results.mkdir(parents=True, exist_ok=True)
     write_csv(rows, results / "ktc2023_learned.csv", COLUMNS)
     header = ["method", "seed", *[f"L{level}" for level in range(1, ktc2023.N_LEVELS + 1)], "total (max 28)",
               "sim score (mean, max 1)", "MSE ratio, data term removed", "MSE ratio, another y", "epochs"]
-    base = _totals(rows, BASELINE, rows[0]["seed"])
-    body = [[BASELINE, "-", *[f"{base[level]:.3f}" for level in range(1, 8)], f"{base['total']:.3f}",
-             f"{base['sim']:.3f}", "-", "-", "-"]]
+    body = []
+    for name in baselines:
+        base = _totals(rows, name)
+        body.append([name, "-", *[f"{base[level]:.3f}" for level in range(1, 8)], f"{base['total']:.3f}",
+                     f"{base['sim']:.3f}", "-", "-", "-"])
     seeds_of = {}
     for (method, seed), ablation in ablations.items():
         totals = _totals(rows, method, seed)
@@ -141,20 +148,43 @@ def _write(profile, out_dir, rows, ablations, curves, pictures, truths, spec) ->
              f"reference method scores {REFERENCE_TOTAL} of 28 on the same measured files; the ratios are the test "
              "MSE (simulated) of the trained network with the data-fit directions zeroed and with another sample's "
              "y, over its own.", "", markdown_table(header, body), ""]
-    methods = list(seeds_of)
-    for method in methods:
-        totals = [t["total"] for t in seeds_of[method]]
-        lines.append(f"- {method}: measured total {np.mean(totals):.3f} +- {np.std(totals):.3f} over "
-                     f"{len(totals)} seed(s); {BASELINE} {base['total']:.3f}")
-    if len(methods) == 2 and len(seeds_of[methods[0]]) == len(seeds_of[methods[1]]):
-        gains = [a["total"] - b["total"] for a, b in zip(seeds_of[methods[0]], seeds_of[methods[1]])]
-        summary = paired(gains)
-        lines.append(f"- {methods[0]} vs {methods[1]}: measured total {summary['mean']:+.3f} paired over "
-                     f"{summary['n']} seed(s), {summary['favour']} in favour")
-    lines += ["", f"Figures: figures/ktc2023_learned_<method>.png (seed {spec['seeds'][0]}). git commit "
-              f"{rows[-1]['git_commit']}."]
+    for method, totals in seeds_of.items():
+        values = [t["total"] for t in totals]
+        sims = [t["sim"] for t in totals]
+        lines.append(f"- {method}: measured total {np.mean(values):.3f} +- {np.std(values):.3f}, sim score "
+                     f"{np.mean(sims):.3f} over {len(values)} seed(s)")
+    for first, second in spec.get("compare", []):
+        if first in seeds_of and second in seeds_of and len(seeds_of[first]) == len(seeds_of[second]):
+            summary = paired([a["total"] - b["total"] for a, b in zip(seeds_of[first], seeds_of[second])])
+            lines.append(f"- {first} vs {second}: measured total {summary['mean']:+.3f} +- {summary['std']:.3f} "
+                         f"paired over {summary['n']} seed(s), {summary['favour']} in favour")
+    lines += ["", f"Figures: figures/ktc2023_learned_<method>.png (seed {spec['seeds'][0]}), validation curves "
+              f"figures/ktc2023_learned_curves.png. git commit {rows[-1]['git_commit']}."]
     (results / "ktc2023_learned.md").write_text("\n".join(lines) + "\n")
     for name, (images, labels) in pictures.items():
-        total = _totals(rows, name, spec["seeds"][0])["total"]
+        total = _totals(rows, name, None if name in baselines else spec["seeds"][0])["total"]
         plot_levels(images, labels, truths, figures / f"ktc2023_learned_{slug(name)}.png",
                     f"KTC2023 training levels, {name} (trained on simulation): {total:.2f} of 28")
+    plot_curves(curves, figures / "ktc2023_learned_curves.png")
+
+
+def plot_curves(curves: dict, path: Path) -> Path:
+    """Validation loss per epoch of every run (one colour per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(6, 3.5))
+    colours = {}
+    for (method, seed), curve in curves.items():
+        colour = colours.setdefault(method, f"C{len(colours)}")
+        ax.plot(range(1, len(curve) + 1), curve, color=colour, label=method if seed == min(
+            s for m, s in curves if m == method) else None)
+    ax.set_xlabel("epoch"), ax.set_ylabel("validation MSE (S/m)^2"), ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
