@@ -18,7 +18,7 @@ import scipy.io
 import torch
 
 from deepunroll.realdata import ktc2023
-from deepunroll.realdata.ktc_learned import KTCLearnedReconstructor
+from deepunroll.realdata.ktc_learned import SEGMENTATIONS, KTCLearnedReconstructor
 from deepunroll.realdata.ktc_reconstruct import MESH_CHOICES, KTCReconstructor, KTCSettings, data_files
 
 
@@ -37,6 +37,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=None,
                         help="a checkpoint trained on data=ktc2023_sim (docs/ktc_learned.md); absent: the linearised "
                              "difference baseline with the settings above")
+    parser.add_argument("--segmentation", default="log_otsu", choices=SEGMENTATIONS,
+                        help="--model only: Otsu on the change (otsu) or on log(sigma / sigma_bg) (log_otsu)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser.parse_args(argv)
 
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> None:
     if args.model is None:
         reconstructor = KTCReconstructor(ref, settings)
     else:
-        reconstructor = KTCLearnedReconstructor(args.model, args.input_dir / "ref.mat")
+        reconstructor = KTCLearnedReconstructor(args.model, args.input_dir / "ref.mat", args.segmentation)
     setup = time.perf_counter() - start
     data = np.stack([ktc2023.load_measurement(path)["uel"] for _, path in files])
     if data.shape[1] != ref["uel"].size:

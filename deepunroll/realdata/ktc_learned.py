@@ -4,8 +4,14 @@
 (``images(data, level)``, ``labels(data, level)``, ``n_elements``, ``sigma0``). For measurements U (B, 2356)
 (NaN where a level removed electrodes) and the empty tank U_ref of ``ref.mat`` it forms the difference data
 y = keep_L * (U - U_ref) (NaN -> 0), builds the level's operator (its electrodes removed; a network trained at
-one level serves all: the data term carries the level) and its linearised x0, runs the network, and turns the
-change sigma - sigma_bg into a nodal 256 x 256 image and the organisers' Otsu labels.
+one level serves all: the data term carries the level) and its linearised x0, runs the network, and segments
+its conductivity on the 256 x 256 grid (nodal images) by one of :data:`SEGMENTATIONS`:
+
+* ``otsu``: the organisers' three-class Otsu rule on the change sigma - sigma_bg (as for the linearised step);
+* ``log_otsu``: the same rule on the log contrast log(sigma / sigma_bg). A network outputs conductivities, whose
+  resistive changes are bounded by -sigma_bg while conductive ones are not; on the change image Otsu's classes
+  then follow the conductive tail and resistive inclusions are lost (docs/ktc_learned.md). The log contrast is
+  symmetric in the two.
 """
 
 from __future__ import annotations
@@ -37,27 +43,41 @@ def on_operator(model: torch.nn.Module, operator: KTCDifferenceCEM) -> torch.nn.
     return model
 
 
-class TankImages:
-    """Element conductivities (B, E) S/m on a KTC operator's mesh -> 256 x 256 change images and labels."""
+SEGMENTATIONS = ("otsu", "log_otsu")
+LOG_FLOOR = 1e-3  # log_otsu: conductivities below LOG_FLOOR * sigma_bg count as LOG_FLOOR * sigma_bg
 
-    def __init__(self, operator: KTCDifferenceCEM) -> None:
-        self.background = operator.background
+
+class TankImages:
+    """Element conductivities (B, E) S/m on a KTC operator's mesh -> 256 x 256 change images and labels
+    (``segmentation``: one of :data:`SEGMENTATIONS`)."""
+
+    def __init__(self, operator: KTCDifferenceCEM, segmentation: str = "otsu") -> None:
+        if segmentation not in SEGMENTATIONS:
+            raise ValueError(f"segmentation={segmentation!r}: expected one of {', '.join(SEGMENTATIONS)}")
+        self.background, self.segmentation = operator.background, segmentation
         self.pixels = PixelMap(operator.nodes.cpu().numpy(), operator.elements.cpu().numpy())
 
     def images(self, sigma: torch.Tensor) -> np.ndarray:
         """(B, 256, 256) conductivity changes sigma - sigma_bg (nodal images, 0 outside the tank)."""
         return self.pixels(sigma.detach().double().cpu().numpy() - self.background)
 
-    def labels(self, sigma: torch.Tensor) -> np.ndarray:
-        """(B, 256, 256) uint8 (0 water, 1 resistive, 2 conductive) by the organisers' Otsu rule."""
-        return np.stack([segment_ktc(image) for image in self.images(sigma)])
+    def labels(self, sigma: torch.Tensor, segmentation: str | None = None) -> np.ndarray:
+        """(B, 256, 256) uint8 (0 water, 1 resistive, 2 conductive) by ``segmentation`` (default: this object's)."""
+        rule = segmentation or self.segmentation
+        if rule == "otsu":
+            images = self.images(sigma)
+        else:
+            ratio = sigma.detach().double().cpu().numpy().clip(min=LOG_FLOOR * self.background) / self.background
+            images = self.pixels(np.log(ratio))
+        return np.stack([segment_ktc(image) for image in images])
 
 
 class KTCLearnedReconstructor:
     """Built from a checkpoint trained on ``operator=ktc_cem`` and the empty-tank file ``ref_path`` (its Inj / Mpat
-    are the patterns, its Uel the reference voltages)."""
+    are the patterns, its Uel the reference voltages); ``segmentation`` is the labelling rule (default log_otsu)."""
 
-    def __init__(self, checkpoint: str | Path, ref_path: str | Path, device: str | torch.device = "cpu") -> None:
+    def __init__(self, checkpoint: str | Path, ref_path: str | Path, segmentation: str = "log_otsu",
+                 device: str | torch.device = "cpu") -> None:
         checkpoint, ref_path = Path(checkpoint), Path(ref_path)
         if not checkpoint.is_file():
             raise FileNotFoundError(f"model checkpoint {checkpoint} does not exist")
@@ -72,7 +92,7 @@ class KTCLearnedReconstructor:
         self.initial_guess = instantiate(self.cfg.x0)
         self._operators: dict[int, KTCDifferenceCEM] = {}
         trained = self.operator(int(self.cfg.operator.level))
-        self.tank = TankImages(trained)
+        self.tank = TankImages(trained, segmentation)
         self.n_elements, self.sigma0 = trained.n_in, trained.background
 
     def operator(self, level: int) -> KTCDifferenceCEM:
