@@ -33,6 +33,7 @@ from deepunroll.studies.common import (load_profile, markdown_table, measured_da
                                        run_one, slug, val_curve)
 from deepunroll.studies.ktc2023_levels import REFERENCE_TOTAL, load_level, load_truths, plot_levels
 from deepunroll.tables import write_csv
+from deepunroll.validation import ConfigError
 
 COLUMNS = ["method", "seed", "split", "level", "target", "segmentation", "score", "git_commit"]
 # the labelling rule of the table's level columns and the figures: the organisers' Otsu rule for their linearised
@@ -90,6 +91,10 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
     root = measured_data_root("ktc2023_learned", profile, {profile: spec}, data_root,
                               "the KTC2023 folder (training/, training_levels/; published on Zenodo, see the "
                               "README's Real tanks section)").resolve()
+    for pair in spec.get("compare", []):
+        if len(pair) != 2 or any(name not in spec["variants"] for name in pair):
+            raise ConfigError(f"ktc2023_learned profile {profile}: compare entry {pair} must name two of its variants "
+                              f"({', '.join(spec['variants'])})")
     truths = load_truths(root)
     runs_dir = Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce"
     rows, ablations, curves, pictures, baselines = [], {}, {}, {}, {}
