@@ -29,6 +29,7 @@ from deepunroll.pipeline import load_datasets
 from deepunroll.realdata import ktc2023
 from deepunroll.realdata.ktc_learned import SEGMENTATIONS, KTCLearnedReconstructor, on_operator
 from deepunroll.realdata.pixel_grid import PixelMap
+from deepunroll.record import git_commit
 from deepunroll.studies.common import (load_profile, markdown_table, measured_data_root, paired, run_ablation,
                                        run_one, slug, val_curve)
 from deepunroll.studies.ktc2023_levels import REFERENCE_TOTAL, load_level, load_truths, plot_levels
@@ -182,7 +183,8 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
                 lines.append(f"- {first} vs {second}, {rule}: measured total {summary['mean']:+.3f} +- "
                              f"{summary['std']:.3f} paired over {summary['n']} seed(s), {summary['favour']} in favour")
     lines += ["", f"Figures: figures/ktc2023_learned_<method>.png (seed {spec['seeds'][0]}; labels by the row's rule), "
-              f"validation curves figures/ktc2023_learned_curves.png. git commit {rows[-1]['git_commit']}."]
+              f"validation curves figures/ktc2023_learned_curves.png. Runs trained at git commit(s) "
+              f"{', '.join(sorted({r['git_commit'] for r in rows}))}; scored at {git_commit()}."]
     (results / "ktc2023_learned.md").write_text("\n".join(lines) + "\n")
     for name, (images, labels) in pictures.items():
         is_base = name in baselines
