@@ -21,16 +21,23 @@ TOY = [e for e in EXPERIMENTS if e.startswith("toy_")]
 ALIASES = {"eit_rma": "eit_lpgd_rma"}  # short names users type
 HAS_DEEPINV = importlib.util.find_spec("deepinv") is not None
 NEEDS_EXTRA = pytest.mark.skipif(not HAS_DEEPINV, reason="deepinv not installed (pip install -e \".[deepinv]\")")
+KTC_ROOT = REPO.parent / "shared" / "data" / "ktc2023"  # ktc_* experiments read the tank's patterns from ref.mat
+NEEDS_KTC = pytest.mark.skipif(not (KTC_ROOT / "training" / "ref.mat").is_file(),
+                               reason=f"KTC2023 data not found under {KTC_ROOT} (published by the challenge on Zenodo)")
+
+
+def _marks(experiment: str) -> list:
+    return [NEEDS_EXTRA] if experiment.startswith("deepinv_") else [NEEDS_KTC] if experiment.startswith("ktc_") else []
 
 
 def test_all_six_toy_variants_exist():
     assert {f"toy_{n}{a}" for n in ("lpgd", "lpd") for a in ("", "_ma", "_rma")} <= set(TOY)
 
 
-@pytest.mark.parametrize("experiment", [pytest.param(e, marks=NEEDS_EXTRA) if e.startswith("deepinv_") else e
-                                        for e in EXPERIMENTS])
+@pytest.mark.parametrize("experiment", [pytest.param(e, marks=_marks(e)) for e in EXPERIMENTS])
 def test_experiment_composes_and_builds(experiment):
-    cfg = compose_config([f"+experiment={experiment}"])
+    extra = [f"operator.data_root={KTC_ROOT}"] if experiment.startswith("ktc_") else []
+    cfg = compose_config([f"+experiment={experiment}", *extra])
     assert cfg.name == ALIASES.get(experiment, experiment)
     operator, _, model = build_problem(cfg)
     assert count_parameters(model) > 0
