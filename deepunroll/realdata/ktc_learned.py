@@ -34,6 +34,8 @@ def on_operator(model: torch.nn.Module, operator: KTCDifferenceCEM) -> torch.nn.
     """The model with its mesh operator replaced (same mesh, another level's mask), grid or native domain;
     a ``frozen_gn`` direction is relinearised for the new operator."""
     inner = getattr(model, "net", model)
+    if model.operator is operator:  # already there: G stays as built
+        return model
     if isinstance(inner.operator, GridOperator):
         inner.operator.mesh_operator = operator
     else:
@@ -90,8 +92,8 @@ class KTCLearnedReconstructor:
         self.model = load_model(checkpoint, device, overrides)
         self.ref = ktc2023.load_measurement(ref_path)
         self.initial_guess = instantiate(self.cfg.x0)
-        self._operators: dict[int, KTCDifferenceCEM] = {}
-        trained = self.operator(int(self.cfg.operator.level))
+        trained = self.model.operator  # the level it was trained at, built by load_model with its G
+        self._operators: dict[int, KTCDifferenceCEM] = {int(self.cfg.operator.level): trained}
         self.tank = TankImages(trained, segmentation)
         self.n_elements, self.sigma0 = trained.n_in, trained.background
 
