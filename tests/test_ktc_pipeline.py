@@ -186,7 +186,7 @@ def test_baseline_scores_and_the_challenge_interface(tmp_path):
     script = [sys.executable, str(REPO / "scripts" / "ktc2023.py")]
     done = subprocess.run(script + [str(inputs), str(tmp_path / "out"), "1", "--threads", "1"],
                           capture_output=True, text=True, check=True)
-    assert "4 reconstructions written" in done.stdout
+    assert "level 1: 4 reconstructions (linearised difference baseline) written to" in done.stdout
     for k in range(1, 5):
         written = scipy.io.loadmat(str(tmp_path / "out" / f"{k}.mat"))["reconstruction"]
         assert written.dtype == np.uint8 and written.shape == (256, 256) and set(np.unique(written)) <= {0, 1, 2}
