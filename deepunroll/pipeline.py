@@ -13,14 +13,15 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import deepunroll.configs
 
 from deepunroll.data.datasets import InverseProblemDataset
 from deepunroll.data.make import ensure_dataset, load_split
+from deepunroll.nets.backprop import upgrade_backprop
 from deepunroll.nets.build import build_model
-from deepunroll.nets.domain import make_domain
+from deepunroll.nets.domain import upgrade_domain
 from deepunroll.nets.unrolled import UnrolledNet, count_parameters
 from deepunroll.operators.base import ForwardOperator
 from deepunroll.config_checks import validate
@@ -58,13 +59,37 @@ def initial_guess(cfg: DictConfig):
     return instantiate(OmegaConf.merge({"data": cfg.get("data", {})}, {"x0": node}).x0)
 
 
+# net keys of configs written before the backprop and domain groups existed
+LEGACY_NET_KEYS = ("backprop", "fixed_point", "domain", "grid_size")
+
+
+def upgrade_config(cfg: DictConfig) -> DictConfig:
+    """A config written before the ``backprop`` and ``domain`` groups existed (``net.backprop``,
+    ``net.fixed_point.*``, ``net.domain``, ``net.grid_size``), in today's terms; today's configs pass unchanged."""
+    legacy = [key for key in LEGACY_NET_KEYS if key in cfg.get("net", {})]
+    if not legacy and "backprop" in cfg and "domain" in cfg:
+        return cfg
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    with open_dict(cfg):
+        if "backprop" not in cfg:
+            cfg.backprop = upgrade_backprop(cfg.net)
+        if "domain" not in cfg:
+            cfg.domain = upgrade_domain(cfg.net)
+        for key in legacy:
+            del cfg.net[key]
+    return cfg
+
+
 def build_problem(cfg: DictConfig, device: torch.device | str = "cpu"):
-    """(operator, sample generator, model) from ``cfg.operator``, ``cfg.data``, ``cfg.x0``, ``cfg.net``, ``cfg.accel``."""
+    """(operator, sample generator, model) from ``cfg.operator``, ``cfg.data``, ``cfg.x0``, ``cfg.net``, ``cfg.accel``,
+    ``cfg.backprop`` and ``cfg.domain`` (older configs: :func:`upgrade_config`)."""
+    cfg = upgrade_config(cfg)
     operator: ForwardOperator = instantiate(cfg.operator)
     generator = instantiate(cfg.data.generator)
     x0 = initial_guess(cfg)
-    domain = make_domain(cfg.net)
-    model = build_model(cfg.net, cfg.accel, domain.operator(operator), initial_guess=x0)
+    domain = instantiate(cfg.domain)
+    model = build_model(cfg.net, cfg.accel, domain.operator(operator), initial_guess=x0,
+                        backprop=instantiate(cfg.backprop))
     dtype = network_dtype(cfg)
     model.step.to(dtype)
     model.accelerator.to(dtype)  # the operator keeps its own (float64) precision
@@ -125,8 +150,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", overrides: 
     cfg = OmegaConf.create(state["config"]["config"])
     for key, value in (overrides or {}).items():
         OmegaConf.update(cfg, key, value)
-    if OmegaConf.select(cfg, "net.fixed_point.warm_start") is False:  # written before restarted_jfb had to warm-start;
-        cfg.net.fixed_point.warm_start = True                          # a loaded (eval-mode) model never does
     _, _, model = build_problem(cfg, device)
     model.load_state_dict(state["model"])
     return model.eval()

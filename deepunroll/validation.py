@@ -47,6 +47,10 @@ def check_all(prefix: str, rules: dict, values: dict) -> None:
             check(f"{prefix}.{name}", value, rules[name])
 
 
+# constructor arguments nets/build.py fills from the operator and the net (never written in a config node)
+BUILDER_FILLED = ("x_shape", "y_shape", "n_iter", "aux_channels")
+
+
 def check_target(prefix: str, node) -> None:
     """Check a ``_target_`` config node before it is built: every key must be an argument of the class (a
     key appended with ``+`` that nothing reads is an error), and the class's ``RULES`` ({argument: rule})
@@ -62,6 +66,7 @@ def check_target(prefix: str, node) -> None:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(k for k in node if k != "_target_" and k not in params)
         if unknown:
-            raise ConfigError(f"{prefix}.{unknown[0]}: not an argument of {node['_target_']}; its arguments are "
-                              f"{', '.join(p for p in params if p not in ('self', 'x_shape', 'y_shape', 'n_iter'))}")
+            names = [p for p in params if p != "self" and p not in BUILDER_FILLED]
+            takes = f"its arguments are {', '.join(names)}" if names else "it takes no arguments"
+            raise ConfigError(f"{prefix}.{unknown[0]}: not an argument of {node['_target_']}; {takes}")
     check_all(prefix, getattr(target, "RULES", {}), {k: v for k, v in node.items() if k != "_target_"})

@@ -13,7 +13,7 @@ from deepunroll.nets.unrolled import UnrolledNet
 from deepunroll.operators.toy import NonlinearConv1d
 from deepunroll.pipeline import build_problem, load_datasets, load_model, train
 from deepunroll.config_checks import validate
-from deepunroll.nets.backprop import BACKPROP, Backprop, FixedPointSettings, make_backprop, warm_starts
+from deepunroll.nets.backprop import BACKPROP, Backprop, make_backprop, upgrade_backprop, warm_starts
 from deepunroll.validation import ConfigError
 from deepunroll.train.trainer import Trainer, TrainSettings
 
@@ -57,7 +57,7 @@ def affine_grad(q, mode, n_iter=400, x0=None, index=None, net=None, **settings):
     M, B, target = affine_problem(q)
     if net is None:
         net = UnrolledNet(NonlinearConv1d(), AffineStep(M, B), _no_accel(), n_iter,
-                          backprop=make_backprop(mode, FixedPointSettings(**settings)))
+                          backprop=make_backprop(mode, **settings))
     op = net.operator
     y = torch.zeros(2, *op.out_shape, dtype=torch.float64)
     x0 = torch.zeros(2, N, dtype=torch.float64) if x0 is None else x0
@@ -123,7 +123,7 @@ class RecordingAffineStep(AffineStep):
 def restarted_net(q=0.8, n_iter=2, restarts=1, m=1):
     M, B, _ = affine_problem(q)
     net = UnrolledNet(NonlinearConv1d(), RecordingAffineStep(M, B), _no_accel(), n_iter,
-                      backprop=make_backprop("restarted_jfb", FixedPointSettings(restarts=restarts, m=m)))
+                      backprop=make_backprop("restarted_jfb", restarts=restarts, m=m))
     x_star = torch.linalg.solve(torch.eye(N, dtype=torch.float64) - M, B @ net.step.theta.detach())
     return net, x_star
 
@@ -168,15 +168,9 @@ def test_restarted_jfb_contracts_across_passes():
     torch.testing.assert_close((net(y, x0) - x_star).norm(dim=1), q ** 3 * distance, rtol=1e-12, atol=0)
 
 
-def test_restarted_jfb_refuses_cold_starts():
-    with pytest.raises(ValueError, match=r"^net.fixed_point.warm_start=false: restarted_jfb always restarts"):
-        make_backprop("restarted_jfb", {"warm_start": False})
-    make_backprop("jfb", {"warm_start": False})  # meaningless for the other modes, not an error
-
-
 def _restarted_toy(tiny_toy, extra=()):
-    cfg = compose_config(["+experiment=toy_lpgd_tied"] + tiny_toy + ["net.backprop=restarted_jfb", "net.step.hidden=8",
-                                                                       "net.fixed_point.restarts=2", *extra])
+    cfg = compose_config(["+experiment=toy_lpgd_tied"] + tiny_toy + ["backprop=restarted_jfb", "net.step.hidden=8",
+                                                                       "backprop.restarts=2", *extra])
     torch.manual_seed(0)
     operator, _, model = build_problem(cfg)
     return model, load_datasets(cfg, operator)
@@ -238,10 +232,10 @@ def test_warm_starts_survive_an_interrupted_run(tiny_toy, tmp_path):
 
 
 def test_grid_domain_passes_the_index(tmp_path):
-    """net.domain=grid (GridDomainNet) hands the trainer's dataset indices to the grid network: after one
+    """domain=grid (GridDomainNet) hands the trainer's dataset indices to the grid network: after one
     epoch on a tiny EIT problem every training sample has a warm start, checkpointed in last.pt."""
-    cfg = compose_config(["+experiment=eit_lpgd", "net=lpgd_tied", "net.domain=grid", "net.grid_size=8",
-                          "net.backprop=restarted_jfb", "net.n_iter=2", "net.fixed_point.restarts=1",
+    cfg = compose_config(["+experiment=eit_lpgd", "net=lpgd_tied", "domain=grid", "domain.size=8",
+                          "backprop=restarted_jfb", "net.n_iter=2", "backprop.restarts=1",
                           "net.step.hidden=4", "operator.h0=0.3", "operator.n_electrodes=8", "data.splits.train=16",
                           "data.splits.val=4", "data.splits.test=4", "data.n_train=16", "train.device=cpu",
                           "train.batch_size=8", "train.epochs=1", f"data.root={tmp_path / 'data'}"])
@@ -267,7 +261,7 @@ def test_checkpoint_gradients_equal_full(net_cfg, accel):
     grads = {}
     for mode in ("full", "checkpoint"):
         torch.manual_seed(1)
-        model = build_model(OmegaConf.create({**net_cfg, "backprop": mode}), OmegaConf.create(accel), op).double()
+        model = build_model(OmegaConf.create(net_cfg), OmegaConf.create(accel), op, backprop=mode).double()
         (model(y, x0) - x).square().sum().backward()
         grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert (grads["full"] - grads["checkpoint"]).abs().max() <= 1e-10 * grads["full"].abs().max()
@@ -276,8 +270,8 @@ def test_checkpoint_gradients_equal_full(net_cfg, accel):
 @pytest.mark.parametrize("mode", ["jfb", "restarted_jfb", "deq"])
 def test_fixed_point_modes_need_a_weight_tied_step(mode):
     with pytest.raises(ValueError, match=r"net.step.share_weights=true"):
-        build_model(OmegaConf.create({**NET, "backprop": mode}), OmegaConf.create({"_target_": "deepunroll.nets.accel.NoAcceleration"}),
-                    NonlinearConv1d())
+        build_model(OmegaConf.create(NET), OmegaConf.create({"_target_": "deepunroll.nets.accel.NoAcceleration"}),
+                    NonlinearConv1d(), backprop=mode)
 
 
 @pytest.mark.parametrize("mode", ["full", "checkpoint", "jfb", "restarted_jfb", "deq"])
@@ -287,8 +281,8 @@ def test_training_loss_drops_under_every_mode(mode):
     iteration (21 more per step) on a map that starts non-contractive (Lipschitz about 1 on J's null space), and
     its training loss first rises (measured 0.59 -> 1.89 at step 14) before it falls (0.17 at step 40)."""
     torch.manual_seed(0)
-    cfg = compose_config(["+experiment=toy_pnp", f"net.backprop={mode}", "net.n_iter=10", "net.spectral_norm=0.5",
-                          "net.fixed_point.restarts=2"])
+    cfg = compose_config(["+experiment=toy_pnp", f"backprop={mode}", "net.n_iter=10", "net.spectral_norm=0.5",
+                          *(["backprop.restarts=2"] if mode == "restarted_jfb" else [])])
     operator, generator, model = build_problem(cfg)
     model.double()
     x = generator.sample(operator, 64, torch.Generator().manual_seed(0)).double()
@@ -306,36 +300,71 @@ def test_training_loss_drops_under_every_mode(mode):
 
 
 def test_trainer_passes_index_and_logs_lipschitz(tiny_toy, tmp_path):
-    cfg = compose_config(["+experiment=toy_lpgd_tied"] + tiny_toy + ["net.backprop=restarted_jfb", "net.step.hidden=8"])
+    cfg = compose_config(["+experiment=toy_lpgd_tied"] + tiny_toy + ["backprop=restarted_jfb", "net.step.hidden=8"])
     result = train(cfg, tmp_path / "run")
     assert all(h["lipschitz"] > 0 and h["lipschitz_detached"] > 0 for h in result["history"])
     model = load_model(result["last"])
     assert model.backprop.mode == "restarted_jfb"
-    state = torch.load(result["last"], weights_only=True)  # a checkpoint written when warm_start=false was allowed
-    state["config"]["config"]["net"]["fixed_point"]["warm_start"] = False
+    state = torch.load(result["last"], weights_only=True)  # as written before the backprop group existed, when
+    config = state["config"]["config"]                    # net.fixed_point.warm_start=false was still allowed
+    del config["backprop"], config["domain"]
+    config["net"] |= {"backprop": "restarted_jfb", "fixed_point": {"tol": 1e-4, "m": 1, "restarts": 3,
+                                                                   "warm_start": False, "solver": "anderson"}}
     torch.save(state, tmp_path / "older.pt")
-    assert load_model(tmp_path / "older.pt").backprop.mode == "restarted_jfb"  # loads for evaluation (cold anyway)
+    older = load_model(tmp_path / "older.pt")  # loads for evaluation (cold anyway)
+    assert older.backprop.mode == "restarted_jfb" and (older.backprop.restarts, older.backprop.m) == (3, 1)
+    torch.testing.assert_close(older.reconstruct(torch.zeros(2, *older.operator.out_shape)),
+                               model.reconstruct(torch.zeros(2, *model.operator.out_shape)), rtol=0, atol=0)
+
+
+def test_configs_written_before_the_groups_existed_build_the_same_objects():
+    """net.backprop / net.fixed_point.* and net.domain / net.grid_size become the backprop and domain nodes."""
+    from deepunroll.pipeline import upgrade_config
+
+    older = OmegaConf.create({"net": {"n_iter": 3, "backprop": "deq", "domain": "grid", "grid_size": 16,
+                                      "fixed_point": {"tol": 1e-5, "m": 2, "restarts": 4, "warm_start": True,
+                                                      "backward_max_iter": 7}}})
+    cfg = upgrade_config(older)
+    assert OmegaConf.to_container(cfg.net) == {"n_iter": 3}
+    assert OmegaConf.to_container(cfg.domain) == {"_target_": "deepunroll.nets.domain.GridDomain", "size": 16}
+    assert OmegaConf.to_container(cfg.backprop) == {"_target_": "deepunroll.nets.backprop.DEQ", "tol": 1e-5,
+                                                    "jacobian": "full", "solver": "anderson", "anderson_memory": 5,
+                                                    "backward_tol": 1e-8, "backward_max_iter": 7}
+    oldest = upgrade_config(OmegaConf.create({"net": {"n_iter": 3}}))  # before net.backprop existed at all
+    assert oldest.backprop._target_.endswith(".Full") and oldest.domain._target_.endswith(".NativeDomain")
+    today = compose_config(["+experiment=toy_pnp"])
+    assert upgrade_config(today) is today
+    assert upgrade_backprop({"backprop": "jfb", "fixed_point": {"m": 3, "solver": "fixed_point"}}) == {
+        "_target_": "deepunroll.nets.backprop.JFB", "tol": 1e-4, "m": 3, "jacobian": "full"}
+
+
+class Doubled(Backprop):
+    """A mode added as a user would: the full loop run twice (2K iterations of the weight-tied map)."""
+
+    mode = "doubled"
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def __call__(self, net, z, data, index=None):
+        for _ in range(2 * net.n_iter):
+            z = net.iteration(0, z, data)
+        return z
 
 
 def test_a_mode_added_to_the_registry_is_known_everywhere(monkeypatch):
-    """Adding a backprop mode is one class and one registry entry: make_backprop, the config checks and
-    UnrolledNet accept it (here: the full loop run twice, i.e. 2K iterations of the weight-tied map)."""
-
-    class Doubled(Backprop):
-        mode = "doubled"
-
-        def __call__(self, net, z, data, index=None):
-            for _ in range(2 * net.n_iter):
-                z = net.iteration(0, z, data)
-            return z
-
-    with pytest.raises(ConfigError, match=r"^net.backprop='doubled': expected one of full, checkpoint, jfb, "
+    """Adding a backprop mode is one class, one registry entry and one file configs/backprop/<mode>.yaml
+    (here the config node such a file would hold): the config checks, build_problem, make_backprop and
+    UnrolledNet accept it."""
+    with pytest.raises(ConfigError, match=r"^backprop='doubled': expected one of full, checkpoint, jfb, "
                                           r"restarted_jfb, deq$"):
         make_backprop("doubled")
     monkeypatch.setitem(BACKPROP, "doubled", Doubled)
-    validate(compose_config(["+experiment=toy_lpgd", "net.backprop=doubled"]))
-    with pytest.raises(ConfigError, match=r"expected one of full, checkpoint, jfb, restarted_jfb, deq, doubled$"):
-        validate(compose_config(["+experiment=toy_lpgd", "net.backprop=tripled"]))
+    cfg = compose_config(["+experiment=toy_lpgd_tied", "backprop=full"])
+    cfg.backprop = Doubled().config()
+    assert cfg.backprop._target_ == "test_backprop.Doubled"
+    validate(cfg)
+    assert isinstance(build_problem(cfg)[2].backprop, Doubled)
     M, B, _ = affine_problem(0.5)
     x0 = torch.randn(2, N, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     y = torch.zeros(2, *NonlinearConv1d().out_shape, dtype=torch.float64)
@@ -345,18 +374,31 @@ def test_a_mode_added_to_the_registry_is_known_everywhere(monkeypatch):
     assert torch.equal(doubled(y, x0), full(y, x0))
 
 
-def test_fixed_point_settings_check_themselves():
-    with pytest.raises(ConfigError, match=r"^net.fixed_point.anderson_memory=0: expected a positive integer$"):
-        FixedPointSettings(anderson_memory=0)
-    with pytest.raises(ConfigError, match=r"^net.fixed_point.restart: unknown key; known keys are \['anderson_memory'"):
-        make_backprop("jfb", {"restart": 2})
+def test_the_backprop_group_has_one_file_per_registered_mode():
+    """configs/backprop/<mode>.yaml builds BACKPROP[mode] with its default settings, and nothing else is there."""
+    from hydra.utils import instantiate
+
+    from deepunroll.pipeline import CONFIGS
+
+    files = {p.stem: OmegaConf.load(p) for p in (CONFIGS / "backprop").glob("*.yaml")}
+    assert sorted(files) == sorted(BACKPROP)
+    for mode, node in files.items():
+        built = instantiate(node)
+        assert type(built) is BACKPROP[mode] and built.config() == make_backprop(mode).config()
+
+
+def test_backprop_settings_check_themselves():
+    with pytest.raises(ConfigError, match=r"^backprop.anderson_memory=0: expected a positive integer$"):
+        make_backprop("deq", anderson_memory=0)
+    with pytest.raises(TypeError, match="restart"):
+        make_backprop("jfb", restart=2)
 
 
 def test_trainer_logs_the_fixed_point_solves(tiny_toy, tmp_path):
     """deq's forward and adjoint solver statistics reach TensorBoard (solver/*) once per epoch."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = compose_config(["+experiment=toy_lpgd_tied"] + tiny_toy + ["net.backprop=deq", "net.step.hidden=8"])
+    cfg = compose_config(["+experiment=toy_lpgd_tied"] + tiny_toy + ["backprop=deq", "net.step.hidden=8"])
     train(cfg, tmp_path / "run")
     events = EventAccumulator(str(tmp_path / "run" / "tb"))
     events.Reload()

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from conftest import compose_config
-from deepunroll.config_checks import ConfigError, validate
+from deepunroll.config_checks import validate
+from deepunroll.validation import ConfigError
+from deepunroll.nets.backprop import backprop_overrides
 from deepunroll.nets.data_term import DataTerm
 from deepunroll.nets.lipschitz import jacobian_norm, spectral_normalise
 from deepunroll.pipeline import build_problem
@@ -22,11 +24,8 @@ def toy_batch(model, n=3):
 @pytest.mark.parametrize("experiment", MODELS)
 @pytest.mark.parametrize("mode", ["jfb", "restarted_jfb", "deq"])  # full / checkpoint: tests/test_backprop.py
 def test_models_build_and_train_one_step(experiment, mode):
-    cfg = compose_config([f"+experiment={experiment}", f"net.backprop={mode}", "net.n_iter=3", "accel.hidden=8",
-                          "net.fixed_point.restarts=1", "net.fixed_point.backward_max_iter=5"]
-                         if experiment.endswith("rma") else
-                         [f"+experiment={experiment}", f"net.backprop={mode}", "net.n_iter=3",
-                          "net.fixed_point.restarts=1", "net.fixed_point.backward_max_iter=5"])
+    cfg = compose_config([f"+experiment={experiment}", "net.n_iter=3", *(["accel.hidden=8"] if experiment.endswith("rma") else []),
+                          *backprop_overrides(mode, restarts=1, backward_max_iter=5)])
     validate(cfg)
     _, _, model = build_problem(cfg)
     model.double()
@@ -44,7 +43,7 @@ def test_models_build_and_train_one_step(experiment, mode):
 
 def test_warm_start_rows_follow_their_index_with_rma_state():
     """RMA's recurrent state is (layers, B, hidden): the cache must split it on dim 1, not 0."""
-    cfg = compose_config(["+experiment=toy_lpgd_tied_rma", "net.backprop=restarted_jfb", "net.n_iter=2",
+    cfg = compose_config(["+experiment=toy_lpgd_tied_rma", "backprop=restarted_jfb", "net.n_iter=2",
                           "accel.hidden=4", "accel.layers=2"])
     _, _, model = build_problem(cfg)
     model.double()
@@ -78,10 +77,9 @@ def test_lipschitz_estimate_matches_the_exact_jacobian_norm():
 def contractive_weighted_norm(jacobian="full", n_iter=3000, m=1, backprop="deq"):
     """Weighted-norm model on the nonlinear toy problem with lambda = 1: a contraction (Lipschitz 0.93-0.95)."""
     torch.manual_seed(0)
-    cfg = compose_config(["+experiment=toy_weighted_norm", "net.step.reg_level=1.0", f"net.backprop={backprop}",
-                          f"net.n_iter={n_iter}", "net.fixed_point.tol=1e-14", "net.fixed_point.backward_tol=1e-14",
-                          "net.fixed_point.backward_max_iter=3000", f"net.fixed_point.jacobian={jacobian}",
-                          f"net.fixed_point.m={m}"])
+    cfg = compose_config(["+experiment=toy_weighted_norm", "net.step.reg_level=1.0", f"net.n_iter={n_iter}",
+                          *backprop_overrides(backprop, tol=1e-14, backward_tol=1e-14, backward_max_iter=3000,
+                                              jacobian=jacobian, m=m)])
     _, _, model = build_problem(cfg)
     return model.double()
 
@@ -168,8 +166,8 @@ def test_spectral_normalisation_bounds_every_kernel():
 
 def test_weighted_norm_fixed_point_minimises_the_regularised_objective():
     """With a linear toy operator (a = 0) the fixed point is the minimiser of 1/2||Ax - y||^2 + R(x)."""
-    cfg = compose_config(["+experiment=toy_weighted_norm", "operator.a=0", "net.backprop=deq", "net.n_iter=2000",
-                          "net.fixed_point.tol=1e-12", "net.step.step_size=1.0"])
+    cfg = compose_config(["+experiment=toy_weighted_norm", "operator.a=0", "backprop=deq", "net.n_iter=2000",
+                          "backprop.tol=1e-12", "net.step.step_size=1.0"])
     _, _, model = build_problem(cfg)
     model.double()
     x, y, x0 = toy_batch(model, 2)
@@ -180,25 +178,30 @@ def test_weighted_norm_fixed_point_minimises_the_regularised_objective():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("net.backprop=implicit", r"net.backprop='implicit': expected one of full, checkpoint, jfb, restarted_jfb, deq"),
-    ("net.fixed_point.m=0", r"net.fixed_point.m=0: expected a positive integer"),
-    ("net.fixed_point.tol=2.0", r"net.fixed_point.tol=2.0: expected a number in \[0, 1\)"),
-    ("net.fixed_point.solver=broyden", r"net.fixed_point.solver='broyden': expected one of fixed_point, anderson"),
-    ("net.spectral_norm=-1", r"net.spectral_norm=-1: expected null \(off\) or a number > 0"),
-    ("net.fixed_point.restarts=0", r"net.fixed_point.restarts=0: expected a positive integer"),
-    ("net.fixed_point.jacobian=exact", r"net.fixed_point.jacobian='exact': expected one of full, detached"),
+    ("backprop.m=0", r"^backprop.m=0: expected a positive integer$"),
+    ("backprop.tol=2.0", r"^backprop.tol=2.0: expected a number in \[0, 1\)$"),
+    ("backprop=deq backprop.solver=broyden", r"^backprop.solver='broyden': expected one of fixed_point, anderson$"),
+    ("net.spectral_norm=-1", r"^net.spectral_norm=-1: expected null \(off\) or a number > 0$"),
+    ("backprop=restarted_jfb backprop.restarts=0", r"^backprop.restarts=0: expected a positive integer$"),
+    ("backprop.jacobian=exact", r"^backprop.jacobian='exact': expected one of full, detached$"),
+    ("+backprop.solver=anderson", r"^backprop.solver: not an argument of deepunroll.nets.backprop.JFB; its arguments "
+                                  r"are tol, m, jacobian$"),
 ])
 def test_bad_fixed_point_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        validate(compose_config(["+experiment=toy_pnp", override]))
+        validate(compose_config(["+experiment=toy_pnp", *override.split()]))
 
 
-def test_restarted_jfb_with_cold_starts_is_refused():
-    cfg = compose_config(["+experiment=toy_pnp", "net.backprop=restarted_jfb", "net.fixed_point.warm_start=false"])
-    with pytest.raises(ConfigError, match=r"^net.fixed_point.warm_start=false: restarted_jfb always restarts each "
-                                          r"training sample from its previous output .*; use net.backprop=jfb"):
-        validate(cfg)
-    validate(compose_config(["+experiment=toy_pnp", "net.backprop=jfb", "net.fixed_point.warm_start=false"]))
+def test_unknown_backprop_mode_lists_the_group():
+    with pytest.raises(Exception, match=r"Could not find 'backprop/implicit'(.|\n)*deq(.|\n)*restarted_jfb"):
+        compose_config(["+experiment=toy_pnp", "backprop=implicit"])
+
+
+def test_restarted_jfb_has_no_cold_start_setting():
+    """restarted_jfb always restarts each training sample from its previous output (Davy et al. 2025): a cold
+    start is not a setting (use backprop=jfb); configs written when net.fixed_point.warm_start existed still build."""
+    with pytest.raises(ConfigError, match=r"^backprop.warm_start: not an argument of deepunroll.nets.backprop.RestartedJFB"):
+        validate(compose_config(["+experiment=toy_pnp", "backprop=restarted_jfb", "+backprop.warm_start=false"]))
 
 
 @pytest.mark.parametrize("x_shape", [(12,), (6, 7)])
@@ -222,7 +225,7 @@ def test_weighted_norm_gradient_is_exact_in_1d_and_2d(x_shape):
 @pytest.mark.parametrize("problem", [["+experiment=eit_rma", "operator.h0=0.3", "operator.n_electrodes=8"],
                                      ["+experiment=blur2d_lpgd", "operator.image_size=8"]], ids=["eit", "blur2d"])
 def test_fixed_point_models_build_on_eit_and_blur(problem, net):
-    operator, _, model = build_problem(compose_config(problem + [f"net={net}", "net.n_iter=2", "net.backprop=jfb"]))
+    operator, _, model = build_problem(compose_config(problem + [f"net={net}", "net.n_iter=2", "backprop=jfb"]))
     x0 = torch.ones(2, *operator.in_shape)
     out = model(operator(x0.double()).float(), x0)
     out.sum().backward()

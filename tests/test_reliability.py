@@ -32,8 +32,8 @@ from deepunroll.train.trainer import ExistingRunError, NonFiniteLossError
         ("+experiment=eit_lpgd operator.h0=0", r"^operator.h0=0: expected a number in \(0, 0.5\] \(mesh size in disk "
                                                r"radii\)$"),
         ("+experiment=toy_pnp net.step.reg_level=0", r"^net.step.reg_level=0: expected a number > 0$"),
-        ("net.domain=pixels", r"^net.domain='pixels': expected one of native, grid$"),
-        ("+experiment=eit_lpgd net.domain=grid net.grid_size=0", r"^net.grid_size=0: expected a positive integer$"),
+        ("+domain.size=16", r"^domain.size: not an argument of deepunroll.nets.domain.NativeDomain; it takes no arguments$"),
+        ("+experiment=eit_lpgd domain=grid domain.size=0", r"^domain.size=0: expected a positive integer$"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -18,20 +18,21 @@ from pathlib import Path
 
 import torch
 
-from deepunroll.nets.backprop import BACKPROP
+from deepunroll.nets.backprop import BACKPROP, backprop_overrides
 from deepunroll.pipeline import build_problem, compose_config, initial_guess
 from deepunroll.tables import write_csv
 from deepunroll.train.memory import count_saved_bytes
 
 EXPERIMENTS = {"toy": "toy_lpgd_tied", "eit": "eit_lpgd"}
 COLUMNS = ["problem", "mode", "K", "saved_bytes", "step_seconds", "cuda_max_bytes"]
+# every mode runs exactly K forward iterations and one differentiated step; each mode takes the settings it has
+SETTINGS = {"tol": 0, "restarts": 1, "m": 1, "backward_tol": 1e-6, "backward_max_iter": 50}
 
 
 def measure(problem: str, mode: str, depth: int, batch: int, device: torch.device, repeats: int) -> dict:
     """One training step (forward, backward, Adam) of the weight-tied LPGD at depth K under ``mode``."""
-    overrides = [f"+experiment={EXPERIMENTS[problem]}", "net.direction=raw", "net.step.share_weights=true", f"net.backprop={mode}",
-                 f"net.n_iter={depth}", "net.fixed_point.tol=0", "net.fixed_point.restarts=1", "net.fixed_point.m=1",
-                 "net.fixed_point.backward_tol=1e-6", "net.fixed_point.backward_max_iter=50"]
+    overrides = [f"+experiment={EXPERIMENTS[problem]}", "net.direction=raw", "net.step.share_weights=true",
+                 f"net.n_iter={depth}", *backprop_overrides(mode, **SETTINGS)]
     torch.manual_seed(0)
     cfg = compose_config(overrides)
     operator, generator, model = build_problem(cfg, device)

@@ -2,7 +2,7 @@
 
 With ``net.grad_through_operator=false`` the data-fit direction d_k is computed without a graph, but the map
 T the forward pass iterates still depends on x through it. For the same weights and batch this compares the
-DEQ parameter gradient whose adjoint uses the full J_T (``net.fixed_point.jacobian=full``) with the one that
+DEQ parameter gradient whose adjoint uses the full J_T (``backprop.jacobian=full``) with the one that
 holds d_k constant (``detached``), and the Lipschitz estimates of both maps (``lipschitz``,
 ``lipschitz_detached``), on an untrained model and after ``--epochs`` epochs of JFB training.
 
@@ -31,8 +31,8 @@ PROBLEMS = {  # name -> overrides of a small problem (its data are generated in 
     "eit": ["+experiment=eit_lpgd", "net=lpgd_tied", "operator.h0=0.2", "data.splits.train=64", "data.splits.val=16",
             "data.splits.test=16", "data.n_train=64", "train.batch_size=8", "net.n_iter=6"],
 }
-DEQ = ["net.backprop=deq", "net.n_iter=100", "net.fixed_point.tol=1e-6", "net.fixed_point.backward_tol=1e-6",
-       "net.fixed_point.backward_max_iter=200"]
+DEQ = ["backprop=deq", "net.n_iter=100", "backprop.tol=1e-6", "backprop.backward_tol=1e-6",
+       "backprop.backward_max_iter=200"]
 
 
 def deq_gradients(model, y, x0, x) -> dict:
@@ -42,7 +42,7 @@ def deq_gradients(model, y, x0, x) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     out, grads = {}, {}
     for jacobian in ("full", "detached"):
-        net.backprop.settings.jacobian = jacobian
+        net.backprop.jacobian = jacobian
         model.train()
         loss = torch.nn.functional.mse_loss(model(y, x0), x)
         start = time.perf_counter()
@@ -65,7 +65,7 @@ def measure(problem: str, epochs: int, batch: int, root: Path) -> list[dict]:
     overrides = PROBLEMS[problem] + [f"data.root={root / 'data'}", "train.device=cpu"]
     torch.manual_seed(0)
     untrained = build_problem(compose_config(overrides + DEQ))[2]
-    trained_path = train(compose_config(overrides + ["net.backprop=jfb", f"train.epochs={epochs}"]),
+    trained_path = train(compose_config(overrides + ["backprop=jfb", f"train.epochs={epochs}"]),
                          root / problem)["last"]
     trained = build_problem(compose_config(overrides + DEQ))[2]
     trained.load_state_dict(checkpoint.load(trained_path)["model"])

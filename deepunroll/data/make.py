@@ -15,11 +15,28 @@ from tqdm.auto import tqdm
 from deepunroll.data.generators import add_relative_noise, add_scaled_noise
 from deepunroll.data.h5 import SPLITS, check_metadata, read_split, write_dataset
 from deepunroll.operators.base import ForwardOperator
-from deepunroll.validation import ConfigError
+from deepunroll.validation import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, ConfigError, check, check_all, is_int, one_of
 
 # data.noise_model: "relative" (default): Gaussian noise of relative size data.noise per sample;
 # "operator": Gaussian noise of std data.noise * operator.noise_std() per entry (the operator's noise model)
 NOISE_MODELS = ("relative", "operator")
+# the data.* keys this module reads (the generator is its own _target_ object)
+RULES = {"noise": NON_NEGATIVE, "seed": NON_NEGATIVE_INT, "noise_model": one_of(*NOISE_MODELS)}
+
+
+def check_data(data_cfg) -> None:
+    """Raise ConfigError naming the first bad ``data.*`` setting: noise, seed, noise_model, the split sizes and
+    ``n_train`` (a positive integer or null, at most ``splits.train``)."""
+    check_all("data", RULES, {key: data_cfg[key] for key in RULES if key in data_cfg})
+    splits = data_cfg.get("splits") or {}
+    check_all("data.splits", dict.fromkeys(SPLITS, POSITIVE_INT), {s: splits[s] for s in SPLITS if s in splits})
+    n_train = data_cfg.get("n_train")
+    if n_train is not None:
+        if not (is_int(n_train) and n_train > 0):
+            raise ConfigError(f"data.n_train={n_train!r}: expected a positive integer or null (all)")
+        pool = splits.get("train")
+        if is_int(pool) and n_train > pool:
+            raise ConfigError(f"data.n_train={n_train}: exceeds the training pool data.splits.train={pool}")
 
 
 def data_metadata(data_cfg: DictConfig, generator, x0) -> dict:
@@ -43,10 +60,9 @@ def data_metadata(data_cfg: DictConfig, generator, x0) -> dict:
 def add_noise(data_cfg: DictConfig, operator: ForwardOperator, y: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     """Clean measurements y (B, *out_shape) plus the noise ``data.noise`` and ``data.noise_model`` ask for."""
     level, noise_model = float(data_cfg.noise), data_cfg.get("noise_model", "relative")
+    check("data.noise_model", noise_model, RULES["noise_model"])
     if noise_model == "relative":
         return add_relative_noise(y, level, rng)
-    if noise_model != "operator":
-        raise ConfigError(f"data.noise_model={noise_model!r}: expected one of {', '.join(NOISE_MODELS)}")
     if not hasattr(operator, "noise_std"):
         raise ConfigError(f"data.noise_model=operator: {type(operator).__name__} has no noise model (noise_std)")
     return add_scaled_noise(y, level, operator.noise_std(), rng)
@@ -95,6 +111,7 @@ def generate_dataset(data_cfg: DictConfig, operator: ForwardOperator, generator,
 def ensure_dataset(data_cfg: DictConfig, operator: ForwardOperator, x0, generate: bool = True) -> Path:
     """Path of the dataset for ``data.*``, ``operator`` and the initial guess ``x0`` (an object of the ``x0``
     group): generated when missing (if ``generate``), else validated."""
+    check_data(data_cfg)
     generator = instantiate(data_cfg.generator)
     path = dataset_path(data_cfg, operator, generator, x0)
     if not path.exists():

@@ -28,52 +28,20 @@ The parameter gradient dT/dtheta at a fixed z is the same under both (the operat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import inspect
 
 import torch
 from torch.utils import checkpoint as torch_checkpoint
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from deepunroll.optim.fixed_point import SOLVERS, FlatState, fixed_point_iteration, solve_fixed_point
-from deepunroll.validation import (BOOL, OPEN_UNIT_INTERVAL, POSITIVE_INT, UNIT_INTERVAL, ConfigError, check,
-                                   one_of)
+from deepunroll.validation import OPEN_UNIT_INTERVAL, POSITIVE_INT, UNIT_INTERVAL, check, check_all, one_of
 
 JACOBIANS = ("full", "detached")
-WARM_START_REFUSED = ("net.fixed_point.warm_start=false: restarted_jfb always restarts each training sample from its "
-                      "previous output (Davy et al. 2025); use net.backprop=jfb for passes that start from x0")
-
-
-@dataclass
-class FixedPointSettings:
-    """The ``net.fixed_point.*`` keys (used by jfb, restarted_jfb and deq); checked on construction."""
-
-    tol: float = 1e-4               # forward relative residual (jfb, deq); 0: always run n_iter iterations
-    m: int = 1                      # differentiated applications of T (jfb, restarted_jfb)
-    restarts: int = 3               # R no-graph blocks of n_iter iterations (restarted_jfb)
-    warm_start: bool = True         # restarted_jfb restarts each training sample from its last output; false is refused
-    jacobian: str = "full"          # J_T of deq's adjoint and of jfb's 2nd..m-th steps: full | detached (module doc)
-    solver: str = "anderson"        # deq forward and adjoint solves: fixed_point | anderson
-    anderson_memory: int = 5        # past iterates mixed by Anderson acceleration
-    backward_tol: float = 1e-8      # deq: relative residual of the adjoint solve
-    backward_max_iter: int = 100    # deq: adjoint solver iterations at most
-
-    RULES = {"tol": UNIT_INTERVAL, "m": POSITIVE_INT, "restarts": POSITIVE_INT, "warm_start": BOOL,
-             "jacobian": one_of(*JACOBIANS), "solver": one_of(*SOLVERS), "anderson_memory": POSITIVE_INT,
-             "backward_tol": OPEN_UNIT_INTERVAL, "backward_max_iter": POSITIVE_INT}
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            check(f"net.fixed_point.{f.name}", getattr(self, f.name), self.RULES[f.name])
-
-    @classmethod
-    def from_config(cls, given: dict | None) -> "FixedPointSettings":
-        """From the ``net.fixed_point`` mapping; an unknown key is a ConfigError naming it."""
-        known = {f.name for f in fields(cls)}
-        given = dict(given or {})
-        unknown = sorted(set(given) - known)
-        if unknown:
-            raise ConfigError(f"net.fixed_point.{unknown[0]}: unknown key; known keys are {sorted(known)}")
-        return cls(**given)
+# the settings of the fixed-point modes (configs/backprop/<mode>.yaml); each mode takes the ones it reads
+RULES = {"tol": UNIT_INTERVAL, "m": POSITIVE_INT, "restarts": POSITIVE_INT, "jacobian": one_of(*JACOBIANS),
+         "solver": one_of(*SOLVERS), "anderson_memory": POSITIVE_INT, "backward_tol": OPEN_UNIT_INTERVAL,
+         "backward_max_iter": POSITIVE_INT}
 
 
 def _detach(z):
@@ -83,28 +51,36 @@ def _detach(z):
 class Backprop:
     """A way of differentiating the unrolled loop: ``strategy(net, z0, data, index) -> z`` (module doc).
 
+    One config file per mode, ``configs/backprop/<mode>.yaml`` (``_target_`` = the class, its arguments = the
+    mode's settings), chosen by ``backprop=<mode>`` and set by ``backprop.<setting>=...``.
     ``fixed_point``: True when the mode iterates one weight-tied map (the net must be weight-tied).
     ``stats``: the solver's iterations and relative residual of the last call, logged by the trainer.
-    :meth:`check` refuses settings the mode cannot honour (ConfigError naming the key).
+    Settings are checked on construction (ConfigError naming ``backprop.<setting>``).
     """
 
     mode = ""
     fixed_point = False
+    RULES = RULES
 
-    def __init__(self, settings: FixedPointSettings | None = None) -> None:
-        self.settings = settings or FixedPointSettings()
-        self.check(self.settings)
+    def __init__(self, **settings) -> None:
+        check_all("backprop", self.RULES, settings)
+        self.__dict__.update(settings)
+        self.setting_names = tuple(settings)
         self.stats: dict[str, float] = {}
 
-    @classmethod
-    def check(cls, settings: FixedPointSettings) -> None:
-        """Raise ConfigError for settings this mode refuses (none by default)."""
+    def config(self) -> dict:
+        """The ``backprop`` config node that builds this strategy (its current settings)."""
+        return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}",
+                **{name: getattr(self, name) for name in self.setting_names}}
 
 
 class Full(Backprop):
     """Backpropagate through every iteration (the default)."""
 
     mode = "full"
+
+    def __init__(self) -> None:
+        super().__init__()
 
     def __call__(self, net, z, data, index=None):
         for k in range(net.n_iter):
@@ -118,6 +94,9 @@ class Checkpointed(Backprop):
     mode = "checkpoint"
     kept_bytes = 0  # bytes of the iterates kept as checkpoint inputs by the last call (invisible to saved_tensors_hooks)
 
+    def __init__(self) -> None:
+        super().__init__()
+
     def __call__(self, net, z, data, index=None):
         if not torch.is_grad_enabled():
             return Full.__call__(self, net, z, data)
@@ -128,9 +107,9 @@ class Checkpointed(Backprop):
         return z
 
 
-def _map_data(data, settings: FixedPointSettings):
+def _map_data(data, jacobian: str):
     """The data term of the map J_T describes: operator differentiated (``full``) or held constant (``detached``)."""
-    return data.with_operator_graph(settings.jacobian == "full")
+    return data.with_operator_graph(jacobian == "full")
 
 
 class JFB(Backprop):
@@ -138,6 +117,11 @@ class JFB(Backprop):
 
     mode = "jfb"
     fixed_point = True
+
+    def __init__(self, tol: float = 1e-4, m: int = 1, jacobian: str = "full") -> None:
+        """``tol``: forward relative residual (0: always n_iter iterations); ``m``: differentiated applications of
+        T; ``jacobian``: J_T of the 2nd..m-th of them, full | detached (module doc)."""
+        super().__init__(tol=tol, m=m, jacobian=jacobian)
 
     def _no_graph(self, net, z, data, n_iter: int, tol: float):
         flat = FlatState(z)
@@ -148,14 +132,14 @@ class JFB(Backprop):
         return flat.unflatten(u)
 
     def _differentiated(self, net, z, data):
-        """m applications of T from z (detached); from the 2nd on J_T is that of ``settings.jacobian``."""
-        z, data = _detach(z), _map_data(data, self.settings)
-        for _ in range(self.settings.m):
+        """m applications of T from z (detached); from the 2nd on J_T is that of ``jacobian``."""
+        z, data = _detach(z), _map_data(data, self.jacobian)
+        for _ in range(self.m):
             z = net.iteration(0, z, data)
         return z
 
     def __call__(self, net, z, data, index=None):
-        z = self._no_graph(net, z, data, net.n_iter, self.settings.tol)
+        z = self._no_graph(net, z, data, net.n_iter, self.tol)
         return self._differentiated(net, z, data)
 
 
@@ -233,15 +217,11 @@ class RestartedJFB(JFB):
 
     mode = "restarted_jfb"
 
-    def __init__(self, settings: FixedPointSettings | None = None) -> None:
-        super().__init__(settings)
+    def __init__(self, m: int = 1, restarts: int = 3, jacobian: str = "full") -> None:
+        """``restarts``: R no-graph blocks of n_iter iterations per pass; ``m``, ``jacobian``: as :class:`JFB`."""
+        Backprop.__init__(self, m=m, restarts=restarts, jacobian=jacobian)
         self.cache = WarmStarts()
         self._batch_dims: list[int | None] | None = None
-
-    @classmethod
-    def check(cls, settings: FixedPointSettings) -> None:
-        if not settings.warm_start:
-            raise ConfigError(WARM_START_REFUSED)
 
     def batch_dims(self, net, z, data) -> list[int | None]:
         """The batch dimension of every state leaf (RMA's recurrent state is (layers, B, hidden))."""
@@ -265,13 +245,13 @@ class RestartedJFB(JFB):
     def __call__(self, net, z, data, index=None):
         if net.training:
             if index is None:
-                raise ValueError("net.backprop=restarted_jfb restarts every training sample from its previous output "
+                raise ValueError("backprop=restarted_jfb restarts every training sample from its previous output "
                                  "and needs its dataset index: call net(y, x0, index=...) (the trainer passes "
-                                 "batch['index']) or use net.backprop=jfb")
+                                 "batch['index']) or use backprop=jfb")
             rows, spec = self._rows(net, z, data)
             z = self._unrows(self.cache.read(index, rows), spec)
         with torch.no_grad():
-            for _ in range(self.settings.restarts):  # each block starts from the previous block's output
+            for _ in range(self.restarts):  # each block starts from the previous block's output
                 for _ in range(net.n_iter):
                     z = net.iteration(0, z, data)
         z = self._differentiated(net, z, data)
@@ -286,8 +266,15 @@ class DEQ(Backprop):
     mode = "deq"
     fixed_point = True
 
+    def __init__(self, tol: float = 1e-4, jacobian: str = "full", solver: str = "anderson", anderson_memory: int = 5,
+                 backward_tol: float = 1e-8, backward_max_iter: int = 100) -> None:
+        """Forward solve to ``tol`` (at most n_iter iterations) by ``solver`` (fixed_point | anderson, mixing
+        ``anderson_memory`` iterates); adjoint solve to ``backward_tol`` in at most ``backward_max_iter``."""
+        super().__init__(tol=tol, jacobian=jacobian, solver=solver, anderson_memory=anderson_memory,
+                         backward_tol=backward_tol, backward_max_iter=backward_max_iter)
+
     def __call__(self, net, z, data, index=None):
-        s = self.settings
+        s = self
         flat = FlatState(z)
         with torch.no_grad():
             u_star, iterations, residual = solve_fixed_point(
@@ -295,7 +282,7 @@ class DEQ(Backprop):
                 s.tol, s.solver, s.anderson_memory)
         self.stats = {"forward_iterations": iterations, "forward_residual": residual}
         u = u_star.detach().requires_grad_(torch.is_grad_enabled())
-        Tu = flat.flatten(net.iteration(0, flat.unflatten(u), _map_data(data, s)))  # J_T of settings.jacobian
+        Tu = flat.flatten(net.iteration(0, flat.unflatten(u), _map_data(data, s.jacobian)))  # J_T of ``jacobian``
         if Tu.requires_grad:
             busy = [False]
 
@@ -316,15 +303,34 @@ class DEQ(Backprop):
         return flat.unflatten(Tu)
 
 
-# net.backprop=<mode> -> strategy class; adding a mode is one class above and one entry here
+# backprop=<mode> -> strategy class; adding a mode is one class above, one entry here and configs/backprop/<mode>.yaml
 BACKPROP: dict[str, type[Backprop]] = {cls.mode: cls for cls in (Full, Checkpointed, JFB, RestartedJFB, DEQ)}
 
 
-def make_backprop(mode: str = "full", fixed_point: dict | FixedPointSettings | None = None) -> Backprop:
-    """The strategy for ``net.backprop=mode`` with ``net.fixed_point.*`` settings (ConfigError naming a bad key)."""
-    check("net.backprop", mode, one_of(*BACKPROP))
-    settings = fixed_point if isinstance(fixed_point, FixedPointSettings) else FixedPointSettings.from_config(fixed_point)
-    return BACKPROP[mode](settings)
+def make_backprop(mode: str = "full", **settings) -> Backprop:
+    """The strategy ``mode`` with its settings (ConfigError naming ``backprop`` or a bad setting)."""
+    check("backprop", mode, one_of(*BACKPROP))
+    return BACKPROP[mode](**settings)
+
+
+def taken_settings(mode: str, settings: dict) -> dict:
+    """The entries of ``settings`` that mode ``mode`` takes (each mode reads its own subset of :data:`RULES`)."""
+    check("backprop", mode, one_of(*BACKPROP))
+    takes = inspect.signature(BACKPROP[mode]).parameters
+    return {k: v for k, v in settings.items() if k in takes}
+
+
+def backprop_overrides(mode: str, **settings) -> list[str]:
+    """Overrides choosing ``backprop=<mode>`` with those of ``settings`` it takes: one settings list for a sweep
+    over modes (``backprop_overrides("deq", tol=0, restarts=1)`` sets tol only)."""
+    return [f"backprop={mode}", *(f"backprop.{k}={v}" for k, v in taken_settings(mode, settings).items())]
+
+
+def upgrade_backprop(net_cfg) -> dict:
+    """The ``backprop`` node of a config written before the backprop group existed, from its ``net.backprop``
+    (mode name; absent: full) and ``net.fixed_point.*`` (the settings of every mode; each mode keeps its own)."""
+    mode = net_cfg.get("backprop", "full")
+    return make_backprop(mode, **taken_settings(mode, dict(net_cfg.get("fixed_point") or {}))).config()
 
 
 def warm_starts(model: torch.nn.Module) -> WarmStarts | None:

@@ -7,16 +7,27 @@ import inspect
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from deepunroll.nets.backprop import Backprop
 from deepunroll.nets.direction import DataFit
 from deepunroll.nets.unrolled import UnrolledNet
 from deepunroll.operators.base import ForwardOperator
+from deepunroll.validation import BOOL, BUILDER_FILLED, POSITIVE_INT, check_all, is_number
+
+# the net.* keys build_model reads itself (the step is its own _target_ object; DataFit checks net.direction*)
+RULES = {"n_iter": POSITIVE_INT, "grad_through_operator": BOOL,
+         "spectral_norm": (lambda v: v is None or (is_number(v) and v > 0), "null (off) or a number > 0")}
+
+
+def check_net(net_cfg) -> None:
+    """Raise ConfigError naming the first bad ``net.n_iter``, ``net.grad_through_operator`` or ``net.spectral_norm``."""
+    check_all("net", RULES, {key: net_cfg[key] for key in RULES if key in net_cfg})
 
 
 def _shape_kwargs(node: DictConfig, operator: ForwardOperator, n_iter: int, aux_channels: int = 0) -> dict:
     """Fill the constructor arguments that come from the operator and net, not from the user."""
-    available = {"x_shape": tuple(operator.in_shape), "y_shape": tuple(operator.out_shape), "n_iter": n_iter}
-    if aux_channels:  # steps that take them (LPGD) see the direction's magnitude; others read the direction alone
-        available["aux_channels"] = aux_channels
+    available = dict(zip(BUILDER_FILLED, (tuple(operator.in_shape), tuple(operator.out_shape), n_iter, aux_channels)))
+    if not aux_channels:  # steps that take them (LPGD) see the direction's magnitude; others read the direction alone
+        del available["aux_channels"]
     params = inspect.signature(get_object(node._target_)).parameters
     return {name: value for name, value in available.items() if name in params}
 
@@ -37,15 +48,17 @@ def upgrade_accel(accel_cfg: DictConfig) -> DictConfig:
                              "forget_bias": node.get("forget_bias", 1.0)})
 
 
-def build_model(net_cfg: DictConfig, accel_cfg: DictConfig, operator: ForwardOperator, initial_guess=None) -> UnrolledNet:
-    """UnrolledNet(operator, step, accelerator, n_iter) as configured by ``net.*`` and ``accel.*``.
+def build_model(net_cfg: DictConfig, accel_cfg: DictConfig, operator: ForwardOperator, initial_guess=None,
+                backprop: Backprop | str = "full") -> UnrolledNet:
+    """UnrolledNet(operator, step, accelerator, n_iter) as configured by ``net.*`` and ``accel.*``, differentiated
+    by ``backprop`` (a strategy built from the ``backprop`` group, or a mode name).
 
-    Optional keys: ``net.backprop`` (full | checkpoint | jfb | restarted_jfb | deq), ``net.fixed_point.*``
-    (their settings), ``net.spectral_norm`` (bound on every convolution kernel's norm; null: off),
+    Optional keys: ``net.spectral_norm`` (bound on every convolution kernel's norm; null: off),
     ``net.direction`` (raw | scaled | gauss_newton | none; absent: raw, as in checkpoints written before it
     existed), ``net.direction_damping`` (gauss_newton's lambda / mean diag(J J^T)) and
     ``net.direction_normalize`` (per-sample rms normalisation, magnitude as an extra channel).
     """
+    check_net(net_cfg)
     n_iter = net_cfg.n_iter
     data_fit = DataFit(operator, net_cfg.get("direction", "raw"), net_cfg.get("direction_damping", 0.01),
                        net_cfg.get("direction_normalize", False))
@@ -54,7 +67,6 @@ def build_model(net_cfg: DictConfig, accel_cfg: DictConfig, operator: ForwardOpe
         from deepunroll.nets.lipschitz import spectral_normalise
 
         spectral_normalise(step, float(net_cfg.spectral_norm))
-    fixed_point = net_cfg.get("fixed_point")
     accel_cfg = upgrade_accel(accel_cfg)
     accelerator = instantiate(accel_cfg, **_shape_kwargs(accel_cfg, operator, n_iter))
     return UnrolledNet(
@@ -64,7 +76,6 @@ def build_model(net_cfg: DictConfig, accel_cfg: DictConfig, operator: ForwardOpe
         n_iter,
         grad_through_operator=net_cfg.grad_through_operator,
         initial_guess=initial_guess,
-        backprop=net_cfg.get("backprop", "full"),
-        fixed_point=OmegaConf.to_container(fixed_point) if fixed_point is not None else None,
+        backprop=backprop,
         data_fit=data_fit,
     )

@@ -1,6 +1,6 @@
-"""Where the network works (``net.domain``): on the operator's own x (``native``) or on another
-representation of it (``grid``: EIT conductivities on a pixel image). A domain object gives the operator the
-network is built on and wraps the built network; :data:`DOMAINS` is the one list of choices."""
+"""Where the network works (the ``domain`` group, configs/domain/): on the operator's own x (``native``) or on
+another representation of it (``grid``: EIT conductivities on a pixel image). A domain object gives the operator
+the network is built on and wraps the built network."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 from deepunroll.nets.unrolled import UnrolledNet
 from deepunroll.operators.base import ForwardOperator
 from deepunroll.operators.eit.grid import GridOperator
-from deepunroll.validation import POSITIVE_INT, check, check_all, one_of
+from deepunroll.validation import POSITIVE_INT, check_all
 
 
 class GridDomainNet(nn.Module):
@@ -53,7 +53,7 @@ class GridDomainNet(nn.Module):
 
 
 class NativeDomain:
-    """``net.domain=native``: the network works on the operator's own x."""
+    """``domain=native``: the network works on the operator's own x."""
 
     def operator(self, operator: ForwardOperator) -> ForwardOperator:
         return operator
@@ -63,27 +63,25 @@ class NativeDomain:
 
 
 class GridDomain:
-    """``net.domain=grid``: the network works on a ``grid_size`` x ``grid_size`` pixel image (:class:`GridOperator`)
-    and :class:`GridDomainNet` maps its inputs and outputs to and from the mesh."""
+    """``domain=grid``: the network works on a ``size`` x ``size`` pixel image (:class:`GridOperator`) and
+    :class:`GridDomainNet` maps its inputs and outputs to and from the mesh."""
 
-    RULES = {"grid_size": POSITIVE_INT}
+    RULES = {"size": POSITIVE_INT}
 
-    def __init__(self, grid_size: int = 32) -> None:
-        check_all("net", self.RULES, {"grid_size": grid_size})
-        self.grid_size = int(grid_size)
+    def __init__(self, size: int = 32) -> None:
+        check_all("domain", self.RULES, {"size": size})
+        self.size = int(size)
 
     def operator(self, operator: ForwardOperator) -> GridOperator:
-        return GridOperator(operator, self.grid_size)
+        return GridOperator(operator, self.size)
 
     def wrap(self, net: UnrolledNet, initial_guess=None) -> GridDomainNet:
         return GridDomainNet(net, initial_guess=initial_guess)
 
 
-DOMAINS = {"native": NativeDomain, "grid": GridDomain}
-
-
-def make_domain(net_cfg) -> NativeDomain | GridDomain:
-    """The domain of ``net.domain`` (absent: native) with its settings (``net.grid_size``); ConfigError naming the key."""
-    name = net_cfg.get("domain", "native")
-    check("net.domain", name, one_of(*DOMAINS))
-    return GridDomain(net_cfg.get("grid_size", 32)) if name == "grid" else NativeDomain()
+def upgrade_domain(net_cfg) -> dict:
+    """The ``domain`` node of a config written before the domain group existed (``net.domain``: native | grid,
+    absent: native; ``net.grid_size``)."""
+    if net_cfg.get("domain", "native") == "grid":
+        return {"_target_": "deepunroll.nets.domain.GridDomain", "size": int(net_cfg.get("grid_size", 32))}
+    return {"_target_": "deepunroll.nets.domain.NativeDomain"}

@@ -10,7 +10,7 @@ from torch import nn
 from deepunroll.nets.data_term import DataTerm
 from deepunroll.nets.direction import DataFit
 from deepunroll.operators.base import ForwardOperator
-from deepunroll.nets.backprop import make_backprop
+from deepunroll.nets.backprop import Backprop, make_backprop
 from deepunroll.optim.fixed_point import FlatState
 
 
@@ -20,8 +20,8 @@ class UnrolledNet(nn.Module):
     y: (B, *operator.out_shape), x0: (B, *operator.in_shape) -> x_K: (B, *operator.in_shape).
     ``grad_through_operator=False`` treats operator outputs as data (no graph through the physics).
     ``initial_guess(operator, y) -> x0`` is used by :meth:`reconstruct` when no x0 is given.
-    ``backprop``: a mode name (full, checkpoint, jfb, restarted_jfb, deq; settings ``fixed_point``)
-    or a strategy from :func:`deepunroll.nets.backprop.make_backprop`. The fixed-point modes iterate
+    ``backprop``: a strategy of :mod:`deepunroll.nets.backprop` (``make_backprop(mode, **settings)``), or a
+    mode name (full, checkpoint, jfb, restarted_jfb, deq) with default settings. The fixed-point modes iterate
     the weight-tied map T(z) = :meth:`iteration` on z = (step state, accelerator state).
     ``data_fit``: how F, J and y are presented to the blocks (``net.direction``,
     :mod:`deepunroll.nets.direction`); default ``raw``, the published input.
@@ -35,8 +35,7 @@ class UnrolledNet(nn.Module):
         n_iter: int,
         grad_through_operator: bool = False,
         initial_guess: Callable[[ForwardOperator, torch.Tensor], torch.Tensor] | None = None,
-        backprop="full",
-        fixed_point: dict | None = None,
+        backprop: Backprop | str = "full",
         data_fit: DataFit | None = None,
     ) -> None:
         super().__init__()
@@ -46,10 +45,10 @@ class UnrolledNet(nn.Module):
         self.n_iter, self.grad_through_operator = int(n_iter), bool(grad_through_operator)
         self.initial_guess = initial_guess
         self.data_fit = data_fit if data_fit is not None else DataFit(operator, "raw")
-        self.backprop = make_backprop(backprop, fixed_point) if isinstance(backprop, str) else backprop
+        self.backprop = make_backprop(backprop) if isinstance(backprop, str) else backprop
         if self.backprop.fixed_point and not self.weight_tied:
             raise ValueError(
-                f"net.backprop={self.backprop.mode} needs a weight-tied map (one block at every iteration): set "
+                f"backprop={self.backprop.mode} needs a weight-tied map (one block at every iteration): set "
                 "net.step.share_weights=true, or choose a fixed-point model (net=lpgd_tied, lpd_tied, pnp, weighted_norm)"
             )
 
@@ -87,7 +86,7 @@ class UnrolledNet(nn.Module):
         ``lipschitz``: the map the forward pass iterates, its data-fit term differentiated through the
         operator (whatever ``grad_through_operator`` says). ``lipschitz_detached`` (only with
         ``grad_through_operator=False``): the map with F(x), J(x) and the data-fit direction held constant,
-        the one training differentiates in ``full`` mode and with ``net.fixed_point.jacobian=detached``.
+        the one training differentiates in ``full`` mode and with ``backprop.jacobian=detached``.
         y: (B, *out_shape), x0: (B, *in_shape).
         """
         if not self.weight_tied:

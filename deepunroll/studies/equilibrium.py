@@ -40,10 +40,14 @@ def trained_depth(cfg, epochs: int) -> int:
     ``full``: n_iter; ``jfb``: at most n_iter + m; ``deq``: at most n_iter + 1; ``restarted_jfb``
     restarts each sample from its last fixed point, so it has been iterated epochs x (R n_iter + m) times.
     """
-    fp, mode, k = cfg.net.fixed_point, cfg.net.backprop, int(cfg.net.n_iter)
-    if mode == "restarted_jfb":
-        return epochs * (int(fp.restarts) * k + int(fp.m))
-    return {"full": k, "checkpoint": k, "jfb": k + int(fp.m), "deq": k + 1}[mode]
+    from hydra.utils import instantiate
+
+    from deepunroll.pipeline import upgrade_config
+
+    strategy, k = instantiate(upgrade_config(cfg).backprop), int(cfg.net.n_iter)
+    if strategy.mode == "restarted_jfb":
+        return epochs * (strategy.restarts * k + strategy.m)
+    return {"full": k, "checkpoint": k, "jfb": k + getattr(strategy, "m", 0), "deq": k + 1}[strategy.mode]
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Mesh <-> pixel-grid maps and the EIT operator seen from a pixel grid (``net.domain=grid``)."""
+"""Mesh <-> pixel-grid maps and the EIT operator seen from a pixel grid (``domain=grid``)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class MeshGrid(torch.nn.Module):
     def __init__(self, centroids: torch.Tensor, resolution: int = 32) -> None:
         super().__init__()
         if int(resolution) != resolution or resolution < 2:
-            raise ValueError(f"net.grid_size={resolution!r}; expected an integer >= 2")
+            raise ValueError(f"domain.size={resolution!r}; expected an integer >= 2")
         n = self.resolution = int(resolution)
         centroids = torch.as_tensor(centroids, dtype=torch.float64).cpu()
         n_elems = centroids.shape[0]
