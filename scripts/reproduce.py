@@ -41,8 +41,7 @@ def load_study(cfg: DictConfig):
     if cfg.study not in studies:
         raise ConfigError(f"study={cfg.study!r}: expected one of {', '.join(sorted(studies))}")
     study = importlib.import_module(f"deepunroll.studies.{cfg.study}")
-    # profiles: YAML under configs/reproduce/ (deepunroll.studies.common.load_profile), or in the module
-    known = sorted(study.PROFILES) if hasattr(study, "PROFILES") else profile_names(cfg.study)
+    known = profile_names(cfg.study)  # YAML under configs/reproduce/ (deepunroll.studies.common.load_profile)
     if cfg.profile not in known:
         raise ConfigError(f"profile={cfg.profile!r}: expected one of {', '.join(known)} for study={cfg.study}")
     return study

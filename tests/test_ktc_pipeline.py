@@ -208,12 +208,11 @@ def test_levels_study_needs_its_data_root(tmp_path):
 
 
 @needs_data
-def test_levels_study_writes_its_table_and_figure(tmp_path, monkeypatch):
-    """One coarse variant (h0 0.1) through the whole study: 28 scores, the markdown table and the figure."""
+def test_levels_study_writes_its_table_and_figure(tmp_path):
+    """profile=tiny, one coarse variant (h0 0.1) through the whole study: 28 scores, the markdown table and the figure."""
     from deepunroll.studies import ktc2023_levels
 
-    monkeypatch.setattr(ktc2023_levels, "PROFILES", {"quick": {"coarse": {"h0": 0.1}}})
-    rows = ktc2023_levels.run("quick", tmp_path, ROOT)
+    rows = ktc2023_levels.run("tiny", tmp_path, ROOT)
     assert len(rows) == 28 and {r["level"] for r in rows} == set(range(1, 8))
     assert all(0.0 <= r["score"] <= 1.0 for r in rows)
     total = sum(r["score"] for r in rows)

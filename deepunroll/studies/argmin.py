@@ -36,7 +36,7 @@ from deepunroll.optim.descent import GradientDescent
 from deepunroll.nets.energies import HuberTVEnergy
 from deepunroll.operators.blur import VolterraBlur2d
 from deepunroll.operators.toy import NonlinearConv1d
-from deepunroll.studies.common import format_mean_std, run_claimed
+from deepunroll.studies.common import format_mean_std, load_profile, run_claimed
 from deepunroll.tables import write_csv
 from deepunroll.train.checkpoint import seed_everything
 from deepunroll.train.memory import count_saved_bytes
@@ -45,16 +45,6 @@ TV_MODES = ("unroll", "implicit", "lagrangian")
 TV_COLUMNS = ["problem", "mode", "seed", "steps", "test_psnr", "initial_psnr", "train_seconds", "saved_bytes",
               "grad_cos_vs_implicit", "mean_weight"]
 
-PROFILES = {
-    "tiny": {
-        "tv": {"problems": ["toy1d"], "seeds": [0], "steps": 3, "batch": 4, "n_test": 8, "n_iter": 30,
-               "eval_iter": 60, "image_size": 16},
-    },
-    "quick": {
-        "tv": {"problems": ["toy1d", "blur2d"], "seeds": [0], "steps": 60, "batch": 8, "n_test": 64,
-               "n_iter": 150, "eval_iter": 400, "image_size": 16},
-    },
-}
 # shared settings (not per profile)
 TV = {"delta": 0.05, "ridge": 1e-3, "w_init": 0.01, "noise": 0.01, "lr": 1e-2, "tol": 1e-9, "tau": 1e-3}
 
@@ -206,11 +196,10 @@ def run(profile: str = "quick", out_dir: str | Path = ".", runs_dir: str | Path 
     One (problem, backward mode, seed) is one resumable unit (:func:`deepunroll.studies.common.run_claimed`)
     in ``runs_dir/argmin_<profile>/`` (default out_dir/runs/reproduce); its row is its result.json.
     """
-    if profile not in PROFILES:
-        raise ValueError(f"profile={profile!r}; expected one of {sorted(PROFILES)}")
+    spec = load_profile("argmin", profile)  # configs/reproduce/argmin.yaml
     out_dir = Path(out_dir)
     runs_dir = (Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce") / f"argmin_{profile}"
-    tv_cfg = PROFILES[profile]["tv"]
+    tv_cfg = spec["tv"]
 
     tv_rows, pending = [], 0
     for problem in tv_cfg["problems"]:

@@ -22,22 +22,12 @@ from deepunroll import metrics
 from deepunroll.nets.argmin import ArgminLayer
 from deepunroll.optim.descent import ICM
 from deepunroll.nets.energies import LabelEnergy
-from deepunroll.studies.common import format_mean_std, run_claimed
+from deepunroll.studies.common import format_mean_std, load_profile, run_claimed
 from deepunroll.tables import write_csv
 from deepunroll.train.checkpoint import seed_everything
 
 EIT_METHODS = ("gauss_newton", "lpgd_rma", "post_hoc_nearest", "post_hoc_icm", "lagrangian", "straight_through")
 EIT_COLUMNS = ["method", "seed", "rel_err", "label_acc", "test_psnr", "finetune_seconds"]
-# direction: the data-fit signal of LPGD-RMA (`raw`: the published input, a post-processing network on EIT;
-# `gauss_newton`: the physics-visible default); stem: the results/ and figures/ file names
-PROFILES = {
-    "tiny": {"seeds": [0], "h0": 0.3, "n_train": 16, "n_val": 4, "n_test": 8, "n_iter": 2, "pre_epochs": 1,
-             "fine_epochs": 1, "batch": 8, "noise": 0.01, "direction": "gauss_newton", "stem": "argmin_eit"},
-    "quick": {"seeds": [0, 1, 2, 3, 4], "h0": 0.2, "n_train": 100, "n_val": 8, "n_test": 64, "n_iter": 6,
-              "pre_epochs": 15, "fine_epochs": 10, "batch": 8, "noise": 0.01, "direction": "raw",
-              "stem": "argmin_eit"},
-}
-PROFILES["quick_gn"] = PROFILES["quick"] | {"direction": "gauss_newton", "stem": "argmin_eit_gn"}
 EIT = {"labels": [0.5, 1.0, 2.0], "mu": 0.05, "tau": 0.5, "icm_sweeps": 5, "lr": 1e-3, "grad_clip": 1.0}
 
 
@@ -174,11 +164,9 @@ def run(profile: str = "quick", out_dir: str | Path = ".", runs_dir: str | Path 
     ``runs_dir/argmin_eit_<profile>/seed=<s>/`` (default out_dir/runs/reproduce): its rows in result.json,
     its test reconstructions in reconstructions.pt (the figure shows the first seed's).
     """
-    if profile not in PROFILES:
-        raise ValueError(f"profile={profile!r}; expected one of {sorted(PROFILES)}")
     out_dir = Path(out_dir)
     runs_dir = (Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce") / f"argmin_eit_{profile}"
-    cfg = PROFILES[profile]
+    cfg = load_profile("argmin_eit", profile)  # configs/reproduce/argmin_eit.yaml
     eit_rows, figure_data, pending = [], None, 0
     for seed in cfg["seeds"]:
         run_dir = runs_dir / f"seed={seed}"

@@ -38,7 +38,7 @@ def load_profile(study: str, profile: str) -> dict:
     """A profile as plain data: the study file's shared keys with the profile's own on top."""
     known = profile_names(study)
     if profile not in known:
-        raise ValueError(f"profile={profile!r}: expected one of {', '.join(known)} for study={study}")
+        raise ConfigError(f"profile={profile!r}: expected one of {', '.join(known)} for study={study}")
     single = PROFILES_DIR / f"{study}.yaml"
     if single.exists():
         spec = OmegaConf.to_container(OmegaConf.load(single), resolve=True)
@@ -49,11 +49,9 @@ def load_profile(study: str, profile: str) -> dict:
 RESULT = "result.json"
 
 
-def measured_data_root(study: str, profile: str, profiles: dict, data_root: Path | None, folder: str) -> Path:
-    """The data folder of a measured-data study, after one-line errors for an unknown profile or a missing
-    ``data_root`` (``folder`` says what it must hold and where the data are published)."""
-    if profile not in profiles:
-        raise ConfigError(f"profile={profile!r}: expected one of {', '.join(profiles)} for study={study}")
+def measured_data_root(study: str, data_root: Path | None, folder: str) -> Path:
+    """The data folder of a measured-data study, after a one-line error for a missing ``data_root`` (``folder``
+    says what it must hold and where the data are published)."""
     if data_root is None:
         raise ConfigError(f"study={study} needs data_root=PATH: {folder}")
     return Path(data_root)

@@ -20,14 +20,9 @@ from pathlib import Path
 
 import torch
 
-from deepunroll.studies.common import format_mean_std, markdown_table, paired, run_claimed, run_one
+from deepunroll.studies.common import format_mean_std, load_profile, markdown_table, paired, run_claimed, run_one
 from deepunroll.tables import write_csv
 
-PROFILES = {
-    "tiny": {"seeds": [0], "overrides": ["data.splits.train=64", "data.splits.val=16", "data.splits.test=16",
-                                         "train.epochs=1", "net.n_iter=2"]},
-    "quick": {"seeds": [0, 1, 2], "overrides": []},
-}
 EXPERIMENT = ["+experiment=blur2d_lpgd_rma", "train=smoke", "train.device=cpu", "evaluate=false"]
 COLUMNS = ["method", "seed", "mse", "psnr", "ssim", "n_params", "epochs", "train_seconds", "git_commit"]
 
@@ -108,13 +103,11 @@ def run(profile: str, out_dir: Path, runs_dir: Path | None = None, report_only: 
     from deepunroll.record import git_commit
     from deepunroll.validation import ConfigError
 
-    if profile not in PROFILES:
-        raise ConfigError(f"profile={profile!r}: expected one of {', '.join(PROFILES)} for study=deepinv_side_by_side")
+    spec = load_profile("deepinv_side_by_side", profile)  # configs/reproduce/deepinv_side_by_side.yaml
     try:
         import deepinv  # noqa: F401
     except ImportError:
         raise ConfigError("study=deepinv_side_by_side needs deepinv: pip install -e \".[deepinv]\"") from None
-    spec = PROFILES[profile]
     runs_dir = Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce"
     rows, x0_row = [], None
     for seed in spec["seeds"]:

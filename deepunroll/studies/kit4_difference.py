@@ -25,15 +25,10 @@ from deepunroll.operators.eit.calibration import fit_background
 from deepunroll.realdata import kit4
 from deepunroll.realdata.segmentation import segment_ktc
 from deepunroll.record import git_commit
-from deepunroll.studies.common import markdown_table, measured_data_root
+from deepunroll.studies.common import load_profile, markdown_table, measured_data_root
 from deepunroll.tables import write_csv
 from deepunroll.validation import ConfigError
 
-PROFILES = {"quick": {
-    "linear, all 79 injections": {},
-    "linear, all against 1 (15 injections)": {"columns": "all_against_1"},
-    "2 Gauss-Newton steps, all 79 injections": {"gauss_newton_steps": 2},
-}}
 # fitted to datamat_1_0 by other codes (the data README; their cm geometry: z in Ohm cm = 100 x Ohm m)
 PUBLISHED_FITS = {"eitinn": (0.927201922231050, 0.011067821038742e-2), "FEIT_CBM34": (0.92959, 0.07825e-2)}
 IMAGE_SIZE = 128
@@ -148,7 +143,8 @@ def target_table(rows: list[dict], names: list[str]) -> str:
 
 
 def run(profile: str, out_dir: Path, data_root: Path | None = None, report_only: bool = False) -> list[dict]:
-    root = measured_data_root("kit4_difference", profile, PROFILES, data_root,
+    variants = load_profile("kit4_difference", profile)["variants"]  # configs/reproduce/kit4_difference.yaml
+    root = measured_data_root("kit4_difference", data_root,
                               "the KIT4 folder of datamat_A_B.mat files (published on Zenodo, record 1203914; "
                               "see the README's Real tanks section)")
     commit = git_commit()
@@ -156,7 +152,7 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, report_only:
         raise ConfigError(f"data_root={str(root)!r}: {root / kit4.EMPTY_TANK} not found (the KIT4 folder)")
     names = kit4.target_names(root)
     rows, setups, outputs = [], {}, []
-    for name, overrides in PROFILES[profile].items():
+    for name, overrides in variants.items():
         variant_rows, images, labels, setups[name] = reconstruct_variant(root, name, overrides, commit)
         rows += variant_rows
         outputs.append((name, images, labels))

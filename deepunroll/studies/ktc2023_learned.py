@@ -89,7 +89,7 @@ def score_run(run_dir: Path, method: str, seed: int, root: Path, truths: np.ndar
 def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Path | None = None,
         report_only: bool = False) -> list[dict]:
     spec = load_profile("ktc2023_learned", profile)
-    root = measured_data_root("ktc2023_learned", profile, {profile: spec}, data_root,
+    root = measured_data_root("ktc2023_learned", data_root,
                               "the KTC2023 folder (training/, training_levels/; published on Zenodo, see the "
                               "README's Real tanks section)").resolve()
     for pair in spec.get("compare", []):

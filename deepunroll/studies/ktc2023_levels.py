@@ -22,17 +22,11 @@ from deepunroll.realdata import ktc2023
 from deepunroll.realdata.ktc_reconstruct import KTCReconstructor, KTCSettings
 from deepunroll.realdata.segmentation import segment_ktc
 from deepunroll.record import git_commit
-from deepunroll.studies.common import markdown_table, measured_data_root
+from deepunroll.studies.common import load_profile, markdown_table, measured_data_root
 from deepunroll.tables import write_csv
 
 N_TARGETS = 4
 REFERENCE_TOTAL = 17.77  # the organisers' reference method on the same 28 files (issue 17)
-PROFILES = {"quick": {
-    "reference settings, our mesh": {},
-    "reference settings, organisers' sparse mesh": {"mesh": "sparse"},
-    "calibrated sigma0 and z, our mesh": {"sigma0": "fit"},
-    "calibrated, 2 Gauss-Newton steps, our mesh": {"sigma0": "fit", "gauss_newton_steps": 2},
-}}
 COLUMNS = ["variant", "level", "target", "score", "sigma0", "seconds_per_level", "git_commit"]
 
 
@@ -131,13 +125,14 @@ def plot_levels(images: np.ndarray, labels: np.ndarray, truths: np.ndarray, path
 
 
 def run(profile: str, out_dir: Path, data_root: Path | None = None, report_only: bool = False) -> list[dict]:
-    root = measured_data_root("ktc2023_levels", profile, PROFILES, data_root,
+    variants = load_profile("ktc2023_levels", profile)["variants"]  # configs/reproduce/ktc2023_levels.yaml
+    root = measured_data_root("ktc2023_levels", data_root,
                               "the KTC2023 folder (training/, training_levels/, mesh/; published on Zenodo, see "
                               "the README's Real tanks section)")
     commit = git_commit()
     truths = load_truths(root)
     rows, setups, first = [], {}, None
-    for name, overrides in PROFILES[profile].items():
+    for name, overrides in variants.items():
         variant_rows, images, labels, setups[name] = score_variant(root, name, overrides, truths, commit)
         rows += variant_rows
         total = sum(r["score"] for r in variant_rows)
