@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from deepunroll import metrics as metric_fns
-from deepunroll.pipeline import load_checkpoint_config, load_datasets, load_model
+from deepunroll.pipeline import load_datasets, load_trained
 from deepunroll.tables import write_csv
 from deepunroll.viz import plot_image_reconstructions, plot_mesh_reconstructions, plot_signal_reconstructions
 
@@ -25,8 +25,7 @@ def score(x_hat: torch.Tensor, x: torch.Tensor, metrics: dict) -> dict[str, tupl
 
 def reconstruct_split(checkpoint_path: str | Path, split: str = "test", device: str = "cpu", batch_size: int = 256):
     """(config, dataset, x_hat (n, *in_shape) on the CPU, operator) for the checkpoint's network on ``split``."""
-    cfg = load_checkpoint_config(checkpoint_path)
-    model = load_model(checkpoint_path, device)
+    cfg, model = load_trained(checkpoint_path, device)
     dataset = load_datasets(cfg, model.operator, splits=(split,))[split]
     with torch.no_grad():
         x_hat = torch.cat([

@@ -146,10 +146,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", overrides: 
     ({"operator.data_root": PATH}, ...) replace config keys that name this machine's files; they must not
     change the network.
     """
+    return load_trained(path, device, overrides)[1]
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu", overrides: dict | None = None,
+                 operator: str | None = None) -> tuple[DictConfig, UnrolledNet]:
+    """(config with ``overrides`` applied, network in eval mode) of a checkpoint, read once (:func:`load_model`).
+
+    ``operator``: the ``_target_`` the checkpoint's operator must have; another one is a ValueError naming
+    the checkpoint, raised before anything is built.
+    """
     state = checkpoint.load(Path(path), device)
     cfg = OmegaConf.create(state["config"]["config"])
+    trained_on = OmegaConf.select(cfg, "operator._target_")
+    if operator is not None and trained_on != operator:
+        raise ValueError(f"model checkpoint {path}: trained on operator {trained_on}, expected {operator}")
     for key, value in (overrides or {}).items():
         OmegaConf.update(cfg, key, value)
     _, _, model = build_problem(cfg, device)
     model.load_state_dict(state["model"])
-    return model.eval()
+    return cfg, model.eval()

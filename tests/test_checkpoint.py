@@ -12,7 +12,7 @@ import torch
 
 import deepunroll
 from conftest import REPO, compose_config
-from deepunroll.pipeline import load_checkpoint_config, train
+from deepunroll.pipeline import load_checkpoint_config, load_trained, train
 from deepunroll.train import checkpoint
 from deepunroll.train.checkpoint import CheckpointError
 
@@ -40,6 +40,12 @@ def test_checkpoint_loads_with_weights_only_and_holds_plain_data(trained):
     model = deepunroll.load_model(run_dir / "checkpoints" / "best.pt")
     assert not model.training and sum(p.numel() for p in model.parameters()) > 0
     assert load_checkpoint_config(run_dir / "checkpoints" / "best.pt").name == "toy_lpgd_rma"
+    cfg, again = load_trained(run_dir / "checkpoints" / "best.pt", overrides={"name": "renamed"})  # read once
+    assert cfg.name == "renamed" and cfg.net.n_iter == load_checkpoint_config(run_dir / "checkpoints" / "best.pt").net.n_iter
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ValueError, match=r"best.pt: trained on operator deepunroll.operators.toy.NonlinearConv1d, "
+                                         r"expected deepunroll.realdata.ktc_sim.KTCDifferenceCEM$"):
+        load_trained(run_dir / "checkpoints" / "best.pt", operator="deepunroll.realdata.ktc_sim.KTCDifferenceCEM")
 
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):

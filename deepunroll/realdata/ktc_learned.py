@@ -23,7 +23,7 @@ import torch
 from hydra.utils import instantiate
 
 from deepunroll.operators.eit.grid import GridOperator
-from deepunroll.pipeline import load_checkpoint_config, load_model
+from deepunroll.pipeline import load_trained
 from deepunroll.realdata import ktc2023
 from deepunroll.realdata.ktc_sim import KTCDifferenceCEM
 from deepunroll.realdata.pixel_grid import PixelMap
@@ -83,13 +83,8 @@ class KTCLearnedReconstructor:
         checkpoint, ref_path = Path(checkpoint), Path(ref_path)
         if not checkpoint.is_file():
             raise FileNotFoundError(f"model checkpoint {checkpoint} does not exist")
-        overrides = {"operator.data_root": str(ref_path)}
-        self.cfg = load_checkpoint_config(checkpoint)
-        if self.cfg.operator.get("_target_") != f"{KTCDifferenceCEM.__module__}.{KTCDifferenceCEM.__name__}":
-            raise ValueError(f"model checkpoint {checkpoint}: trained on operator {self.cfg.operator.get('_target_')}, "
-                             "expected the KTC2023 tank (operator=ktc_cem)")
-        self.cfg.operator.data_root = str(ref_path)
-        self.model = load_model(checkpoint, device, overrides)
+        self.cfg, self.model = load_trained(checkpoint, device, {"operator.data_root": str(ref_path)},
+                                            operator=f"{KTCDifferenceCEM.__module__}.{KTCDifferenceCEM.__name__}")
         self.ref = ktc2023.load_measurement(ref_path)
         self.initial_guess = instantiate(self.cfg.x0)
         trained = self.model.operator  # the level it was trained at, built by load_model with its G

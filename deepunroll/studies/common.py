@@ -131,11 +131,9 @@ def run_one(overrides: list[str], run_dir: Path, info: dict, report_only: bool =
 
 def load_best(run_dir: Path):
     """(config, model, test split) of a finished run: its best checkpoint and the test data it was trained for."""
-    from deepunroll.pipeline import load_checkpoint_config, load_datasets, load_model
+    from deepunroll.pipeline import load_datasets, load_trained
 
-    best = run_dir / "checkpoints" / "best.pt"
-    cfg = load_checkpoint_config(best)
-    model = load_model(best)
+    cfg, model = load_trained(run_dir / "checkpoints" / "best.pt")
     return cfg, model, load_datasets(cfg, model.operator, splits=("test",))["test"]
 
 
