@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from deepunroll.data.generators import add_relative_noise, add_scaled_noise
 from deepunroll.data.h5 import SPLITS, check_metadata, read_split, write_dataset
 from deepunroll.operators.base import ForwardOperator
-from deepunroll.validation import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, ConfigError, check, check_all, is_int, one_of
+from deepunroll.validation import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, ConfigError, check, check_all, is_int,
+                                   one_of)
 
 # data.noise_model: "relative" (default): Gaussian noise of relative size data.noise per sample;
 # "operator": Gaussian noise of std data.noise * operator.noise_std() per entry (the operator's noise model)

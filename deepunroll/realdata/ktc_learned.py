@@ -87,7 +87,7 @@ class KTCLearnedReconstructor:
                                             operator=f"{KTCDifferenceCEM.__module__}.{KTCDifferenceCEM.__name__}")
         self.ref = ktc2023.load_measurement(ref_path)
         self.initial_guess = instantiate(self.cfg.x0)
-        trained = self.model.operator  # the level it was trained at, built by load_model with its G
+        trained = self.model.operator  # the level it was trained at, built by load_trained with its G
         self._operators: dict[int, KTCDifferenceCEM] = {int(self.cfg.operator.level): trained}
         self.tank = TankImages(trained, segmentation)
         self.n_elements, self.sigma0 = trained.n_in, trained.background

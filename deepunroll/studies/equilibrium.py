@@ -47,7 +47,9 @@ def trained_depth(cfg, epochs: int) -> int:
     strategy, k = instantiate(upgrade_config(cfg).backprop), int(cfg.net.n_iter)
     if strategy.mode == "restarted_jfb":
         return epochs * (strategy.restarts * k + strategy.m)
-    return {"full": k, "checkpoint": k, "jfb": k + getattr(strategy, "m", 0), "deq": k + 1}[strategy.mode]
+    if strategy.mode == "jfb":
+        return k + strategy.m
+    return {"full": k, "checkpoint": k, "deq": k + 1}[strategy.mode]
 
 
 @torch.no_grad()
