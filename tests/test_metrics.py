@@ -90,3 +90,18 @@ def test_ktc_score_hand_cases():
     assert ktc_score(truth, truth[:255, :255]) == 0.0
     # values within 0.1 of a class count as that class
     assert ktc_score(truth, truth + 0.05) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_ktc_local_means_equal_the_two_dimensional_convolution():
+    """The separable matrix form of the score's window equals scipy's zero-padded 'same' convolution with the
+    321 x 321 truncated Gaussian (to rounding)."""
+    from scipy.signal import fftconvolve
+
+    from deepunroll.metrics import KTC_RADIUS, _ktc_window_matrix
+
+    offsets = np.arange(-2 * int(KTC_RADIUS), 2 * int(KTC_RADIUS) + 1)
+    line = np.exp(-offsets.astype(np.float64) ** 2 / (2 * KTC_RADIUS**2))
+    image = np.random.default_rng(0).random((256, 256))
+    window = _ktc_window_matrix()
+    np.testing.assert_allclose(window @ image @ window, fftconvolve(image, np.outer(line, line), mode="same"),
+                               rtol=1e-10)
