@@ -10,6 +10,7 @@ voltages injection-major, NaN where a level removed data.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,14 @@ ELECTRODE_WIDTH = np.deg2rad(5.625)  # electrode k centred at 90 + (k - 1) 11.25
 
 def tank_mesh(h0: float = 0.05) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Our own mesh of the KTC2023 tank (radius 0.115 m, 32 electrodes of 5.625 degrees, electrode 1 at the top,
-    numbered counter-clockwise): (nodes (N, 2) in m, elements (E, 3), electrode faces); h0 in tank radii."""
+    numbered counter-clockwise): (nodes (N, 2) in m, elements (E, 3), electrode faces); h0 in tank radii.
+    Built once per h0 (distmesh takes a second or so); each call returns fresh copies."""
+    nodes, elements, faces = _tank_mesh(float(h0))
+    return nodes.copy(), elements.copy(), [f.copy() for f in faces]
+
+
+@functools.lru_cache(maxsize=4)
+def _tank_mesh(h0: float) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     return build_electrode_disk_mesh(N_ELECTRODES, h0, ELECTRODE_WIDTH, first_angle=np.pi / 2, radius=RADIUS)
 
 
