@@ -1,5 +1,6 @@
 """Shared fixtures: Hydra config composition with test-local data and run folders."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,8 @@ import torch
 from deepunroll.pipeline import CONFIGS, compose_config  # noqa: F401  (shared by the test modules)
 
 REPO = Path(__file__).resolve().parents[1]
+# the scripts the tests start inherit one intra-op thread too (two pytest-xdist workers share the 2 CI cores)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture
