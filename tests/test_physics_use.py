@@ -97,6 +97,26 @@ def test_lpgd_blocks_read_the_direction_magnitude_when_normalised():
     assert (model(y, x0) - out).abs().max() > 1e-3
 
 
+def test_lpgd_blocks_read_the_direction_itself_when_fed():
+    """``net.step.feed_direction``: the blocks read d_k next to RMA's v_k; zeroing that channel moves the output."""
+    cfg = compose_config(["+experiment=eit_lpgd_rma", "operator.h0=0.3", "operator.n_electrodes=8", "net.n_iter=2",
+                          "net.step.feed_direction=true"])
+    operator, _, model = build_problem(cfg)
+    assert model.step.blocks[0][0].in_channels == 3  # x, v and d
+    model = _perturbed(model).eval()
+    x = 1 + 0.2 * torch.rand(2, operator.n_elems, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y, x0 = operator(x).float(), torch.ones(2, operator.n_elems)
+    out = model(y, x0)
+    original = model.step.direction
+
+    def without_d(k, x, data):
+        (x, aux, d), direction = original(k, x, data)
+        return (x, aux, torch.zeros_like(d)), direction
+
+    model.step.direction = without_d
+    assert (model(y, x0) - out).abs().max() > 1e-3
+
+
 def test_learned_data_step_moves_along_the_direction():
     cfg = compose_config(["+experiment=toy_lpgd", "net.n_iter=2", "+net.step.step_size=0.5"])
     operator, _, model = build_problem(cfg)
