@@ -78,42 +78,42 @@ def _perturbed(model):
     return model
 
 
-def test_lpgd_blocks_read_the_direction_magnitude_when_normalised():
-    cfg = compose_config(["+experiment=eit_rma", "operator.h0=0.3", "operator.n_electrodes=8", "net.n_iter=2",
-                          "net.direction_normalize=true"])
-    operator, _, model = build_problem(cfg)
-    assert model.step.blocks[0][0].in_channels == 3  # x, v and log10 rms(d)
-    model = _perturbed(model).eval()
-    x = 1 + 0.2 * torch.rand(2, operator.n_elems, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    y, x0 = operator(x).float(), torch.ones(2, operator.n_elems)
-    out = model(y, x0)
+def _without_magnitude(model):
+    """Zero the log10 rms(d) channel that ``net.direction_normalize`` adds."""
     original = model.data_fit.misfit_direction
 
-    def without_magnitude(op, x64, y64):
+    def direction(op, x64, y64):
         d, aux = original(op, x64, y64)
         return d, torch.zeros_like(aux)
 
-    model.data_fit.misfit_direction = without_magnitude
-    assert (model(y, x0) - out).abs().max() > 1e-3
+    model.data_fit.misfit_direction = direction
 
 
-def test_lpgd_blocks_read_the_direction_itself_when_fed():
-    """``net.step.feed_direction``: the blocks read d_k next to RMA's v_k; zeroing that channel moves the output."""
+def _without_fed_direction(model):
+    """Zero the d_k channel that ``net.step.feed_direction`` adds (v_k, from the same d_k, is kept)."""
+    original = model.step.direction
+
+    def direction(k, x, data):
+        (x, aux, d), d_k = original(k, x, data)
+        return (x, aux, torch.zeros_like(d)), d_k
+
+    model.step.direction = direction
+
+
+@pytest.mark.parametrize("option,remove", [
+    ("net.direction_normalize=true", _without_magnitude),   # x, v and log10 rms(d)
+    ("net.step.feed_direction=true", _without_fed_direction),  # x, v and d
+])
+def test_lpgd_blocks_read_the_extra_channel(option, remove):
     cfg = compose_config(["+experiment=eit_lpgd_rma", "operator.h0=0.3", "operator.n_electrodes=8", "net.n_iter=2",
-                          "net.step.feed_direction=true"])
+                          option])
     operator, _, model = build_problem(cfg)
-    assert model.step.blocks[0][0].in_channels == 3  # x, v and d
+    assert model.step.blocks[0][0].in_channels == 3
     model = _perturbed(model).eval()
     x = 1 + 0.2 * torch.rand(2, operator.n_elems, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y, x0 = operator(x).float(), torch.ones(2, operator.n_elems)
     out = model(y, x0)
-    original = model.step.direction
-
-    def without_d(k, x, data):
-        (x, aux, d), direction = original(k, x, data)
-        return (x, aux, torch.zeros_like(d)), direction
-
-    model.step.direction = without_d
+    remove(model)
     assert (model(y, x0) - out).abs().max() > 1e-3
 
 
