@@ -76,11 +76,17 @@ def report_errors(main):
     import os
     import sys
 
+    from hydra.errors import InstantiationException
+
     @functools.wraps(main)
     def wrapped(cfg):
         try:
             return main(cfg)
-        except user_errors() as error:
+        except (InstantiationException, *user_errors()) as error:
+            if isinstance(error, InstantiationException):  # a constructor's own user error, wrapped by Hydra
+                if not isinstance(error.__cause__, user_errors()):
+                    raise
+                error = error.__cause__
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             lines = str(error).strip().splitlines() or [type(error).__name__]

@@ -48,7 +48,7 @@ def check_all(prefix: str, rules: dict, values: dict) -> None:
 
 
 # constructor arguments nets/build.py fills from the operator and the net (never written in a config node)
-BUILDER_FILLED = ("x_shape", "y_shape", "n_iter", "aux_channels")
+BUILDER_FILLED = ("x_shape", "y_shape", "n_iter", "aux_channels", "element_mesh")
 
 
 def check_target(prefix: str, node) -> None:

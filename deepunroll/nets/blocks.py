@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from deepunroll.validation import ConfigError
+
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 
 
@@ -33,16 +35,24 @@ def conv_block(in_channels: int, out_channels: int, hidden: int = 32, n_conv: in
     return nn.Sequential(*layers)
 
 
-BLOCKS = ("cnn", "dncnn", "drunet")
+BLOCKS = ("cnn", "mesh", "dncnn", "drunet")
 
 
 def make_block(kind: str, in_channels: int, out_channels: int, hidden: int = 32, n_conv: int = 4, dim: int = 1,
-               zero_init: bool = False) -> nn.Module:
-    """A learned block (B, in, *spatial) -> (B, out, *spatial): ``cnn`` (:func:`conv_block`), or deepinv's
-    ``dncnn`` / ``drunet`` trained from scratch (images only; the [deepinv] extra,
-    :func:`deepunroll.interop.deepinv.denoiser_block`)."""
+               zero_init: bool = False, element_mesh=None) -> nn.Module:
+    """A learned block (B, in, *spatial) -> (B, out, *spatial): ``cnn`` (:func:`conv_block`), ``mesh``
+    (convolutions over vertex-sharing elements, :class:`deepunroll.nets.mesh_conv.MeshBlock`; needs
+    ``element_mesh`` = (nodes, elements), :meth:`ForwardOperator.element_mesh`), or deepinv's ``dncnn`` / ``drunet``
+    trained from scratch (images only; the [deepinv] extra, :func:`deepunroll.interop.deepinv.denoiser_block`)."""
     if kind == "cnn":
         return conv_block(in_channels, out_channels, hidden, n_conv, dim, zero_init)
+    if kind == "mesh":
+        if element_mesh is None:
+            raise ConfigError("net.step.block=mesh needs an operator whose x lives on the elements of a triangle mesh "
+                             "(EIT, CEM); this operator has none (use block=cnn)")
+        from deepunroll.nets.mesh_conv import MeshBlock
+
+        return MeshBlock(element_mesh, in_channels, out_channels, hidden, n_conv, zero_init)
     if kind not in BLOCKS:
         raise ValueError(f"net.step.block={kind!r}: expected one of {', '.join(BLOCKS)}")
     from deepunroll.interop.deepinv import denoiser_block

@@ -25,7 +25,8 @@ def check_net(net_cfg) -> None:
 
 def _shape_kwargs(node: DictConfig, operator: ForwardOperator, n_iter: int, aux_channels: int = 0) -> dict:
     """Fill the constructor arguments that come from the operator and net, not from the user."""
-    available = dict(zip(BUILDER_FILLED, (tuple(operator.in_shape), tuple(operator.out_shape), n_iter, aux_channels)))
+    available = dict(zip(BUILDER_FILLED, (tuple(operator.in_shape), tuple(operator.out_shape), n_iter, aux_channels,
+                                          operator.element_mesh())))
     if not aux_channels:  # steps that take them (LPGD) see the direction's magnitude; others read the direction alone
         del available["aux_channels"]
     params = inspect.signature(get_object(node._target_)).parameters

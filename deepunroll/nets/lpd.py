@@ -20,6 +20,7 @@ class LPDStep(nn.Module):
     as ``net.direction`` says (:mod:`deepunroll.nets.direction`; raw: as written here).
     ``zero_init``: the last convolution of every block starts at zero (the untrained net returns x0).
     ``block``: the primal blocks' architecture (:func:`deepunroll.nets.blocks.make_block`); dual blocks are CNNs.
+    ``element_mesh``: the operator's (nodes, elements) or None, filled by the builder (``block=mesh`` reads it).
     """
 
     def __init__(
@@ -33,6 +34,7 @@ class LPDStep(nn.Module):
         share_weights: bool = False,
         zero_init: bool = False,
         block: str = "cnn",
+        element_mesh=None,
     ) -> None:
         super().__init__()
         if primal_channels < 2:
@@ -41,7 +43,7 @@ class LPDStep(nn.Module):
         self.y_shape = tuple(y_shape)
         dual = functools.partial(make_block, "cnn", dual_channels + 2, dual_channels, hidden, 3, len(y_shape), zero_init)
         primal = functools.partial(make_block, block, primal_channels + 1, primal_channels, hidden, 4, len(x_shape),
-                                   zero_init)
+                                   zero_init, element_mesh)
         self.dual_blocks = per_iteration(dual, n_iter, share_weights)
         self.primal_blocks = per_iteration(primal, n_iter, share_weights)
 

@@ -21,7 +21,8 @@ class LPGDStep(nn.Module):
     ``zero_init``: the last convolution of every block starts at zero (the untrained net returns x0).
     ``step_size``: if not None, a learned scalar alpha_k per block (initialised to it) adds the explicit
     data step -alpha_k v_k: x_{k+1} = x_k - alpha_k v_k + Lambda_k(...).
-    ``block``: the architecture of Lambda_k (:func:`deepunroll.nets.blocks.make_block`: cnn, dncnn, drunet).
+    ``block``: the architecture of Lambda_k (:func:`deepunroll.nets.blocks.make_block`: cnn, mesh, dncnn, drunet);
+    ``element_mesh`` (the operator's (nodes, elements) or None) is filled by the builder for ``block=mesh``.
     ``feed_direction``: Lambda_k also reads d_k itself, next to the accelerated v_k (not published). RMA writes v_k
     through a ``accel.hidden``-wide linear layer, so without it the blocks see d_k only through that bottleneck
     (128 numbers for the 686 elements of the h0=0.1 EIT mesh).
@@ -30,12 +31,13 @@ class LPGDStep(nn.Module):
     def __init__(
         self, n_iter: int, x_shape: tuple[int, ...], hidden: int = 32, n_conv: int = 4, share_weights: bool = False,
         zero_init: bool = False, aux_channels: int = 0, step_size: float | None = None, block: str = "cnn",
-        feed_direction: bool = False,
+        feed_direction: bool = False, element_mesh=None,
     ) -> None:
         super().__init__()
         self.feed_direction = bool(feed_direction)
         in_channels = 2 + aux_channels + int(self.feed_direction)
-        block = functools.partial(make_block, block, in_channels, 1, hidden, n_conv, len(x_shape), zero_init)
+        block = functools.partial(make_block, block, in_channels, 1, hidden, n_conv, len(x_shape), zero_init,
+                                  element_mesh)
         self.blocks = per_iteration(block, n_iter, share_weights)
         self.step_sizes = None if step_size is None else nn.Parameter(torch.full((len(self.blocks),), float(step_size)))
 

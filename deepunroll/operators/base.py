@@ -60,6 +60,11 @@ class ForwardOperator(nn.Module):
         (:mod:`deepunroll.nets.direction`); zeros unless a subclass knows better (EIT: unit conductivity)."""
         return torch.zeros((1, *self.in_shape), dtype=torch.float64, device=self._device())
 
+    def element_mesh(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(nodes (N, 2), elements (E, 3)) when x holds one value per triangle of a mesh (EIT, CEM), else None;
+        mesh convolutions (``net.step.block=mesh``) read it."""
+        return None
+
     def _device(self) -> torch.device:
         buffer = next(iter(self.buffers()), None)
         return buffer.device if buffer is not None else torch.device("cpu")

@@ -124,6 +124,9 @@ class KTCDifferenceCEM(ForwardOperator):
                 "measurements": np.asarray(mpat, dtype=np.float64),
                 "keep": self.keep.cpu().numpy().astype(np.uint8)}
 
+    def element_mesh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cem.element_mesh()
+
     def reference_point(self) -> torch.Tensor:
         """The water background (1, E) S/m."""
         return torch.full((1, self.n_in), self.background, dtype=_DTYPE, device=self.keep.device)

@@ -123,6 +123,9 @@ class CompleteElectrodeModel(ForwardOperator):
         self.cholesky.to(self.nodes.device)
         return out
 
+    def element_mesh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.nodes, self.elements
+
     def metadata(self) -> dict:
         return {"operator": "cem", "n_nodes": self.n_nodes, "n_elems": self.in_shape[0],
                 "n_electrodes": self.n_electrodes, "n_inj": self.n_inj, "n_meas": self.n_meas_per,

@@ -269,6 +269,9 @@ class EIT(ForwardOperator):
         grads = fem.field_gradients(fields, self.gradient_ops, self.elements)
         return fem.measurement_jacobian(grads, self.transfer)
 
+    def element_mesh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.nodes, self.elements
+
     def reference_point(self) -> torch.Tensor:
         """Unit conductivity everywhere (1, n_elems): the phantoms' and Gauss-Newton's background."""
         return torch.ones((1, self.n_elems), dtype=_PHYSICS_DTYPE, device=self.nodes.device)
