@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from deepunroll.nets.blocks import make_block
 from deepunroll.nets.build import build_model
-from deepunroll.nets.mesh_conv import MeshBlock, element_stencils
+from deepunroll.nets.mesh_conv import MeshBlock, MeshLSTMAccelerator, element_stencils
 from deepunroll.operators.eit import EIT
 from deepunroll.operators.toy import NonlinearConv1d
 
@@ -81,4 +81,29 @@ def test_builder_hands_the_operators_mesh_to_the_step():
 def test_mesh_block_on_an_operator_without_a_mesh_is_one_clear_error():
     with pytest.raises(InstantiationException, match="net.step.block=mesh needs an operator"):
         build_model(_net_cfg("mesh"), OmegaConf.create({"_target_": "deepunroll.nets.accel.NoAcceleration"}),
+                    NonlinearConv1d())
+
+
+def test_mesh_lstm_is_equivariant_reads_d_and_carries_its_state(mesh):
+    nodes, elements = mesh
+    torch.manual_seed(0)
+    accel = MeshLSTMAccelerator(4, (nodes, elements))
+    perm = torch.randperm(len(elements))
+    permuted = MeshLSTMAccelerator(4, (nodes, elements[perm.numpy()]))
+    permuted.load_state_dict(accel.state_dict())
+    d = torch.randn(2, len(elements))
+    v1, state = accel(d, accel.init_state(d))
+    v2, _ = accel(d, state)
+    w1, pstate = permuted(d[:, perm], permuted.init_state(d))
+    w2, _ = permuted(d[:, perm], pstate)
+    assert torch.allclose(w1, v1[:, perm], atol=1e-6) and torch.allclose(w2, v2[:, perm], atol=1e-6)
+    assert float((v2 - v1).abs().max()) > 1e-3  # the carried state changes the second step
+    v0, _ = accel(torch.zeros_like(d), accel.init_state(d))
+    assert float((v1 - v0).abs().mean()) > 1e-2  # the velocity depends on d
+    assert sum(p.numel() for p in accel.parameters()) == 4 * (4 * 5) * 4 + 4 * 4 + 4 + 1  # gates + readout
+
+
+def test_mesh_lstm_on_an_operator_without_a_mesh_is_one_clear_error():
+    with pytest.raises(InstantiationException, match="accel=mesh_lstm needs an operator"):
+        build_model(_net_cfg("cnn"), OmegaConf.create({"_target_": "deepunroll.nets.mesh_conv.MeshLSTMAccelerator"}),
                     NonlinearConv1d())

@@ -20,6 +20,8 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from deepunroll.validation import POSITIVE_INT, ConfigError, check_all
+
 
 def element_stencils(nodes: np.ndarray, elements: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(support (E, K + 1) int64, weights (E, 3, K + 1) float32): each element's vertex-sharing neighbours (padded
@@ -50,6 +52,11 @@ def element_stencils(nodes: np.ndarray, elements: np.ndarray) -> tuple[torch.Ten
     weights[:, 1:, :k] = slope
     weights[:, 1:, k] = -slope.sum(axis=-1)
     return torch.as_tensor(support), torch.as_tensor(weights, dtype=torch.float32)
+
+
+def _numpy_mesh(element_mesh) -> tuple[np.ndarray, np.ndarray]:
+    """(nodes, elements) as NumPy arrays from tensors or arrays."""
+    return tuple(a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a) for a in element_mesh)
 
 
 class MeshConv(nn.Module):
@@ -86,8 +93,7 @@ class MeshBlock(nn.Module):
         super().__init__()
         if n_conv < 2:
             raise ValueError(f"net.step.n_conv={n_conv}; the mesh block needs at least 2")
-        nodes, elements = (a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a) for a in element_mesh)
-        support, weights = element_stencils(nodes, elements)
+        support, weights = element_stencils(*_numpy_mesh(element_mesh))
         widths = [in_channels] + [hidden] * (n_conv - 1) + [out_channels]
         layers: list[nn.Module] = []
         for i in range(n_conv):
@@ -101,3 +107,40 @@ class MeshBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x.permute(2, 0, 1)).permute(1, 2, 0)
+
+
+class MeshLSTMAccelerator(nn.Module):
+    """RMA on a mesh: a convolutional LSTM whose gates are mesh convolutions, d_k (B, E) -> v_k (B, E).
+
+    [i, f, g, o] = MeshConv([d_k, h_{k-1}]); c_k = f c_{k-1} + i g; h_k = o tanh(c_k); v_k = Linear(h_k) per element.
+    The mesh analogue of :class:`deepunroll.nets.convlstm.ConvLSTMAccelerator`: local and equivariant to the element
+    numbering, with a few thousand weights where the fully connected LSTM of ``accel=rma`` has 4 x hidden x (E +
+    hidden). State (h, c), each (B, channels_hidden, E), zero-initialised and carried across iterations; the
+    forget-gate bias starts at 1. ``element_mesh`` is filled by the builder from the operator.
+    """
+
+    RULES = {"channels_hidden": POSITIVE_INT}
+
+    def __init__(self, channels_hidden: int = 16, element_mesh=None) -> None:
+        super().__init__()
+        check_all("accel", self.RULES, {"channels_hidden": channels_hidden})
+        if element_mesh is None:
+            raise ConfigError("accel=mesh_lstm needs an operator whose x lives on the elements of a triangle mesh "
+                              "(EIT, CEM); this operator has none (use accel=rma)")
+        self.channels_hidden = int(channels_hidden)
+        support, weights = element_stencils(*_numpy_mesh(element_mesh))
+        self.gates = MeshConv(support, weights, 1 + self.channels_hidden, 4 * self.channels_hidden)
+        with torch.no_grad():
+            self.gates.mix.bias[self.channels_hidden : 2 * self.channels_hidden] = 1.0
+        self.readout = nn.Linear(self.channels_hidden, 1)
+
+    def init_state(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        zeros = d.new_zeros(d.shape[0], self.channels_hidden, d.shape[-1])
+        return zeros, zeros
+
+    def forward(self, d: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        hidden, cell = (s.permute(2, 0, 1) for s in state)  # (E, B, C)
+        i, f, g, o = self.gates(torch.cat([d.T.unsqueeze(-1), hidden], dim=-1)).chunk(4, dim=-1)
+        cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+        hidden = torch.sigmoid(o) * torch.tanh(cell)
+        return self.readout(hidden)[..., 0].T, (hidden.permute(1, 2, 0), cell.permute(1, 2, 0))
