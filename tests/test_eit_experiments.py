@@ -24,7 +24,7 @@ def tiny_eit(tmp_path):
 
 def test_eit_rma_is_the_short_name():
     short, full = compose_config(["+experiment=eit_rma"]), compose_config(["+experiment=eit_lpgd_rma"])
-    assert short == full and short.accel.cell == "lstm" and short.net.step._target_.endswith("LPGDStep")
+    assert short == full and short.accel._target_.endswith("MeshLSTMAccelerator") and short.net.step.block == "mesh"
 
 
 @pytest.mark.parametrize("override,check", [
@@ -57,7 +57,8 @@ def test_grid_maps_are_consistent():
 
 
 def test_grid_domain_builds_2d_network(tiny_eit):
-    cfg = compose_config(["+experiment=eit_rma", "domain=grid", "domain.size=16", "net.n_iter=2"] + tiny_eit)
+    cfg = compose_config(["+experiment=eit_rma", "domain=grid", "domain.size=16", "net=lpgd", "accel=rma", "net.n_iter=2"]
+                         + tiny_eit)
     operator, _, model = build_problem(cfg)
     assert isinstance(model, GridDomainNet) and isinstance(model.net.step.blocks[0][0], torch.nn.Conv2d)
     y = operator(torch.ones(3, operator.n_elems, dtype=torch.float64)).float()
@@ -67,7 +68,7 @@ def test_grid_domain_builds_2d_network(tiny_eit):
     torch.testing.assert_close(model(y[:1], x0[:1]), out[:1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("extra", [[], ["domain=grid", "domain.size=16"]], ids=["mesh", "grid"])
+@pytest.mark.parametrize("extra", [[], ["domain=grid", "domain.size=16", "net=lpgd", "accel=rma"]], ids=["mesh", "grid"])
 def test_tiny_training_lowers_loss_and_writes_outputs(tiny_eit, tmp_path, extra):
     cfg = compose_config(["+experiment=eit_lpgd_rma", "net.n_iter=3", "train.epochs=4"] + tiny_eit + extra)
     result = train(cfg, tmp_path / "run")

@@ -48,12 +48,13 @@ ABLATION = ["+experiment=eit_lpgd_rma", "operator.h0=0.2", "data.splits.train=20
 
 
 def test_gauss_newton_network_needs_the_measurements_and_raw_does_not(tmp_path):
-    """LPGD-RMA on a coarse EIT mesh (172 elements), ~30 s of training per signal on one core.
+    """LPGD-RMA as the experiment builds it (mesh blocks, RMA on the mesh, Gauss-Newton direction with damping 1e-5) on
+    a coarse EIT mesh (172 elements), 20-45 s of training per signal on one core.
 
-    Measured (1 thread): gauss_newton test MSE 2.68e-3 (GN x0 1.22e-2); data term removed 1.59x,
-    another sample's y 2.49x. raw: 3.1e-3, both ratios 1.00 (a post-processing network). The removed-data-term
-    ratio moves with float32 rounding (1.15, 1.16, 1.45, 1.58 across CPUs, thread counts and LSTM kernels), the
-    raw one does not: hence the bound 1.1, still ten times the raw network's tolerance.
+    Measured (1 thread, 2026-12-07): gauss_newton test MSE 1.07e-3, 0.088 of the GN x0's; data term removed 3.73x,
+    another sample's y 594x. raw (the same network with the published input): 2.13e-3, both ratios 1.000 (a
+    post-processing network). With the published 1D CNN blocks and fully connected LSTM the removed-data-term ratio
+    was 1.15-1.58, moving with float32 rounding across CPUs; the bounds below leave room for that.
     """
     ratios = {}
     for kind in ("gauss_newton", "raw"):
@@ -62,11 +63,11 @@ def test_gauss_newton_network_needs_the_measurements_and_raw_does_not(tmp_path):
         test = load_datasets(cfg, model.operator, splits=("test",))["test"]
         ratios[kind] = physics_ablation(model, test)
     gn, raw = ratios["gauss_newton"], ratios["raw"]
-    assert gn["no_data_term_ratio"] >= 1.1 and gn["other_y_ratio"] > gn["no_data_term_ratio"]
+    assert gn["no_data_term_ratio"] >= 2.0 and gn["other_y_ratio"] > 50 * gn["no_data_term_ratio"]
     # the published raw input fails the same check: its network does not read the data term at all
     assert raw["no_data_term_ratio"] == pytest.approx(1.0, abs=0.01) and raw["other_y_ratio"] == pytest.approx(1.0, abs=0.01)
     gauss_newton_x0 = float((test.x0.double() - test.x.double()).square().mean())
-    assert gn["full"] < 0.3 * gauss_newton_x0  # and it learned something: 0.22 measured
+    assert gn["full"] < 0.15 * gauss_newton_x0 and gn["full"] < 0.7 * raw["full"]  # 0.088 and 0.50 measured
 
 
 def _perturbed(model):
@@ -105,8 +106,8 @@ def _without_fed_direction(model):
     ("net.step.feed_direction=true", _without_fed_direction),  # x, v and d
 ])
 def test_lpgd_blocks_read_the_extra_channel(option, remove):
-    cfg = compose_config(["+experiment=eit_lpgd_rma", "operator.h0=0.3", "operator.n_electrodes=8", "net.n_iter=2",
-                          option])
+    cfg = compose_config(["+experiment=eit_lpgd_rma", "net=lpgd", "operator.h0=0.3", "operator.n_electrodes=8",
+                          "net.n_iter=2", option])
     operator, _, model = build_problem(cfg)
     assert model.step.blocks[0][0].in_channels == 3
     model = _perturbed(model).eval()

@@ -74,7 +74,7 @@ def test_typo_fails_before_any_work(tmp_path):
     ("scripts/train.py", ["net.n_iter=-2"], "error: net.n_iter=-2: expected a positive integer"),
     ("scripts/train.py", ["+experiment=toy_lpgd", "net.step.block=mesh"],
      "error: net.step.block=mesh needs an operator whose x lives on the elements of a triangle mesh (EIT, CEM); "
-     "this operator has none (use block=cnn)"),
+     "this operator has none (net.step.block=cnn, or net=lpgd)"),
     ("scripts/make_data.py", ["data.noise=-0.1"], "error: data.noise=-0.1: expected a number >= 0"),
     ("scripts/evaluate.py", ["checkpoint=x.pt", "split=dev"], "error: split='dev': expected one of train, val, test"),
     ("scripts/evaluate.py", [], "error: checkpoint: missing; pass checkpoint=PATH or 'checkpoint=[PATH_A,PATH_B]'"),

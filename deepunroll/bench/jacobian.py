@@ -28,7 +28,7 @@ PROBLEMS = {  # name -> overrides of a small problem (its data are generated in 
                           "data.splits.val=32", "data.splits.test=32", "train.batch_size=32"],
     "toy_pnp": ["+experiment=toy_pnp", "net.spectral_norm=0.5", "data.splits.train=256", "data.splits.val=32",
                 "data.splits.test=32", "train.batch_size=32"],
-    "eit": ["+experiment=eit_lpgd", "net=lpgd_tied", "operator.h0=0.2", "data.splits.train=64", "data.splits.val=16",
+    "eit": ["+experiment=eit_lpgd", "net=lpgd_tied", "net.direction_damping=1.0e-3", "operator.h0=0.2", "data.splits.train=64", "data.splits.val=16",
             "data.splits.test=16", "data.n_train=64", "train.batch_size=8", "net.n_iter=6"],
 }
 DEQ = ["backprop=deq", "net.n_iter=100", "backprop.tol=1e-6", "backprop.backward_tol=1e-6",

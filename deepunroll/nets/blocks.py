@@ -49,7 +49,7 @@ def make_block(kind: str, in_channels: int, out_channels: int, hidden: int = 32,
     if kind == "mesh":
         if element_mesh is None:
             raise ConfigError("net.step.block=mesh needs an operator whose x lives on the elements of a triangle mesh "
-                             "(EIT, CEM); this operator has none (use block=cnn)")
+                             "(EIT, CEM); this operator has none (net.step.block=cnn, or net=lpgd)")
         from deepunroll.nets.mesh_conv import MeshBlock
 
         return MeshBlock(element_mesh, in_channels, out_channels, hidden, n_conv, zero_init)

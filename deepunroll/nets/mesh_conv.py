@@ -126,7 +126,7 @@ class MeshLSTMAccelerator(nn.Module):
         check_all("accel", self.RULES, {"channels_hidden": channels_hidden})
         if element_mesh is None:
             raise ConfigError("accel=mesh_lstm needs an operator whose x lives on the elements of a triangle mesh "
-                              "(EIT, CEM); this operator has none (use accel=rma)")
+                              "(EIT, CEM); this operator has none (accel=rma, or accel=convlstm on a pixel grid)")
         self.channels_hidden = int(channels_hidden)
         support, weights = element_stencils(*_numpy_mesh(element_mesh))
         self.gates = MeshConv(support, weights, 1 + self.channels_hidden, 4 * self.channels_hidden)

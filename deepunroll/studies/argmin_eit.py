@@ -98,7 +98,7 @@ def eit_seed(seed: int, cfg: dict, out_dir: Path) -> tuple[list[dict], dict, tup
                            f"data.splits.train={cfg['n_train']}", f"data.splits.val={cfg['n_val']}",
                            f"data.splits.test={cfg['n_test']}", f"data.n_train={cfg['n_train']}",
                            f"data.noise={cfg['noise']}", f"net.n_iter={cfg['n_iter']}", "train.device=cpu",
-                           f"seed={seed}",
+                           f"seed={seed}", *cfg["network"],
                            f"data.root={out_dir / 'data'}"])
     seed_everything(seed)
     operator, _, net = build_problem(conf, "cpu")

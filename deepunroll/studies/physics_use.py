@@ -2,8 +2,9 @@
 
     python scripts/reproduce.py study=physics_use profile=probe   # profiles: configs/reproduce/physics_use.yaml
 
-For every run: test MSE and PSNR of the initial guess x0 (EIT: Gauss-Newton) and the network, and the network's test MSE with
-the data term removed (zero directions) and with another sample's measurements (same x0), as ratios
+A profile's ``noise_overrides`` ({noise: [overrides]}) adds settings per noise level (e.g. the Gauss-Newton
+damping that suits it, study=direction_alignment). For every run: test MSE and PSNR of the initial guess x0 (EIT:
+Gauss-Newton) and the network, and the network's test MSE with the data term removed (zero directions) and with another sample's measurements (same x0), as ratios
 (deepunroll.ablation). A post-processing network has both ratios 1.00. Writes
 results/physics_use_<profile>.{csv,md} and figures/physics_use_<profile>.png (validation curves).
 Runs are resumable (deepunroll.studies.common.run_one); ``report_only`` tabulates what is finished.
@@ -39,7 +40,8 @@ def run(profile: str, out_dir: Path, runs_dir: Path | None = None, report_only: 
         for noise in spec["noise"]:
             for variant, extra in spec["variants"].items():
                 run_dir = runs_dir / f"physics_use_{profile}" / slug(f"{variant}_noise={noise}_seed={seed}")
-                overrides = [f"+experiment={spec['experiment']}", *spec["base"], *extra, f"data.noise={noise}", f"seed={seed}",
+                overrides = [f"+experiment={spec['experiment']}", *spec["base"], *extra,
+                             *spec.get("noise_overrides", {}).get(noise, []), f"data.noise={noise}", f"seed={seed}",
                              "train.device=cpu", "evaluate=false", f"data.root={runs_dir / 'data'}"]
                 result = run_one(overrides, run_dir, {"study": "physics_use", "variant": variant}, report_only)
                 if result is None:
@@ -71,7 +73,9 @@ def _write(profile: str, out_dir: Path, rows: list[dict], curves: dict, spec: di
                              group[0]["epochs"], format_mean_std([r["train_seconds"] for r in group], 0)])
     lines = [f"# Physics use of {spec['experiment']}, profile `{profile}`", "",
              f"`python scripts/reproduce.py study=physics_use profile={profile}`; overrides "
-             f"`{' '.join(spec['base'])}`. Test MSE of the initial guess x0 "
+             f"`{' '.join(spec['base'])}`"
+             + "".join(f"; with noise {n}: `{' '.join(extra)}`" for n, extra in spec.get("noise_overrides", {}).items())
+             + ". Test MSE of the initial guess x0 "
              + ", ".join(f"{format_mean_std(list({r['seed']: r['gn_mse'] for r in rows if r['noise'] == n}.values()), 5)} "
                          f"(noise {n})"
                          for n in spec["noise"] if any(r["noise"] == n for r in rows)) + ".", "",
