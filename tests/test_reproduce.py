@@ -117,6 +117,7 @@ def test_profiles_of_a_single_file_study_merge_the_shared_keys():
     """configs/reproduce/equilibrium.yaml: models and modes shared, seeds and overrides per profile."""
     quick = load_profile("equilibrium", "quick")
     assert set(quick) == {"models", "modes", "seeds", "overrides"} and quick["seeds"] == [0, 1, 2]
-    assert common.profile_names("physics_use") == ["blur2d", "probe", "probe_lpd", "published", "tiny", "toy"]
+    assert common.profile_names("physics_use") == ["blur2d", "probe", "probe_lpd", "published", "published_mesh", "tiny",
+                                                   "toy"]
     with pytest.raises(ValueError, match=r"^profile='nope': expected one of paper, quick, tiny for study=equilibrium$"):
         load_profile("equilibrium", "nope")
