@@ -78,7 +78,7 @@ def test_typo_fails_before_any_work(tmp_path):
     ("scripts/make_data.py", ["data.noise=-0.1"], "error: data.noise=-0.1: expected a number >= 0"),
     ("scripts/evaluate.py", ["checkpoint=x.pt", "split=dev"], "error: split='dev': expected one of train, val, test"),
     ("scripts/evaluate.py", [], "error: checkpoint: missing; pass checkpoint=PATH or 'checkpoint=[PATH_A,PATH_B]'"),
-    ("scripts/reproduce.py", ["profile=huge"], "error: profile='huge': expected one of converged, paper, quick, tiny for study=rma"),
+    ("scripts/reproduce.py", ["profile=huge"], "error: profile='huge': expected one of converged, mesh, paper, quick, tiny for study=rma"),
     ("scripts/reproduce.py", ["study=rmaa"], "error: study='rmaa': expected one of argmin, argmin_eit, deepinv_side_by_side, direction_alignment, equilibrium, kit4_difference, ktc2023_learned, ktc2023_levels, physics_use, rma"),
 ])
 def test_config_errors_are_one_line_in_every_script(tmp_path, script, args, message):

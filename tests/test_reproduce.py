@@ -109,7 +109,7 @@ def test_paired_statistics():
 
 
 def test_unknown_profile_is_named():
-    with pytest.raises(ValueError, match="profile='huge': expected one of converged, paper, quick, tiny for study=rma"):
+    with pytest.raises(ValueError, match="profile='huge': expected one of converged, mesh, paper, quick, tiny for study=rma"):
         load_profile("rma", "huge")
 
 
