@@ -115,8 +115,9 @@ class MeshLSTMAccelerator(nn.Module):
     [i, f, g, o] = MeshConv([d_k, h_{k-1}]); c_k = f c_{k-1} + i g; h_k = o tanh(c_k); v_k = Linear(h_k) per element.
     The mesh analogue of :class:`deepunroll.nets.convlstm.ConvLSTMAccelerator`: local and equivariant to the element
     numbering, with 4.4k weights at 16 channels where the fully connected LSTM of ``accel=rma`` has about
-    4 x hidden x (E + hidden) + hidden x E (506k on the 686-element mesh). State (h, c), each (B, channels_hidden, E), zero-initialised and carried across iterations; the
-    forget-gate bias starts at 1. ``element_mesh`` is filled by the builder from the operator.
+    4 x hidden x (E + hidden) + hidden x E (506k on the 686-element mesh). State (h, c), each (B, channels_hidden,
+    E), zero-initialised and carried across iterations; the forget-gate bias starts at 1. ``element_mesh`` is
+    filled by the builder from the operator.
     """
 
     RULES = {"channels_hidden": POSITIVE_INT}
