@@ -66,3 +66,20 @@ def test_complete_electrode_model_on_cuda_matches_cpu():
     xg = x.cuda().requires_grad_()
     (grad,) = torch.autograd.grad(gpu(xg).square().sum(), xg)
     torch.testing.assert_close(grad.cpu(), cpu.vjp(x, 2 * cpu(x)), rtol=1e-9, atol=1e-14)
+
+
+def test_mesh_block_and_mesh_lstm_on_cuda_match_cpu():
+    """The mesh convolutions (stencil gather and batched product) on the GPU against the CPU, float64."""
+    from deepunroll.nets.mesh_conv import MeshBlock, MeshLSTMAccelerator
+
+    mesh = EIT(h0=0.2).element_mesh()
+    torch.manual_seed(0)
+    block, accel = MeshBlock(mesh, 3, 1, 8, 3).double(), MeshLSTMAccelerator(4, mesh).double()
+    x = torch.randn(2, 3, mesh[1].shape[0], dtype=torch.float64)
+    d = x[:, 0]
+    v_cpu, _ = accel(d, accel.init_state(d))
+    out_cpu = block(x)
+    block, accel = block.to("cuda"), accel.to("cuda")
+    v_gpu, _ = accel(d.cuda(), accel.init_state(d.cuda()))
+    torch.testing.assert_close(block(x.cuda()).cpu(), out_cpu, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(v_gpu.cpu(), v_cpu, rtol=1e-10, atol=1e-12)
