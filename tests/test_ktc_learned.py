@@ -44,10 +44,10 @@ def test_tiny_study_scores_every_level_and_writes_table_and_figures(tiny_study):
     baseline = sum(r["score"] for r in rows if r["method"] == baseline_name and r["split"] == "measured"
                    and r["segmentation"] == "otsu")
     assert baseline == pytest.approx(14.296, abs=2e-3)
-    table = (out / "results" / "ktc2023_learned.md").read_text()
+    table = (out / "results" / "ktc2023_learned_tiny.md").read_text()
     assert f"{baseline:.3f}" in table and "post-processing" in table
     for name in ("linearised_x0_sigma_bg_0.727_z_0.00012", "unrolled_lpgd-rma", "post-processing", "curves"):
-        assert (out / "figures" / f"ktc2023_learned_{name}.png").stat().st_size > 10_000
+        assert (out / "figures" / f"ktc2023_learned_tiny_{name}.png").stat().st_size > 10_000
     assert "unrolled LPGD-RMA vs post-processing, log_otsu: measured total" in table
 
 def test_unrolled_network_reads_the_measured_data_and_post_processing_does_not(tiny_study):

@@ -13,7 +13,7 @@ level-1 difference data through the resumable runner (:func:`run_one`). Each tra
 
 Reconstructions become labels as in the baseline: the change sigma - sigma_bg on the 256 x 256 grid (nodal
 images) and the organisers' Otsu rule. The linearised x0 alone is scored the same way. Writes
-results/ktc2023_learned.{csv,md} and figures/ktc2023_learned_<method>.png (seed 0: level rows, targets).
+results/ktc2023_learned_<profile>.{csv,md} and figures/ktc2023_learned_<profile>_<method>.png (seed 0: level rows, targets).
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def _table_row(name, seed, rows, rule, extra) -> tuple[list, dict, dict]:
 def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truths, spec) -> None:
     results, figures = out_dir / "results", out_dir / "figures"
     results.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, results / "ktc2023_learned.csv", COLUMNS)
+    stem = f"ktc2023_learned_{profile}"
+    write_csv(rows, results / f"{stem}.csv", COLUMNS)
     header = ["method", "seed", "rule of L1-L7", *[f"L{level}" for level in range(1, ktc2023.N_LEVELS + 1)],
               "total otsu", "total log_otsu", "sim otsu", "sim log_otsu", "MSE ratio, no data term",
               "MSE ratio, another y", "epochs"]
@@ -182,17 +183,17 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
                 summary = paired(gains)
                 lines.append(f"- {first} vs {second}, {rule}: measured total {summary['mean']:+.3f} +- "
                              f"{summary['std']:.3f} paired over {summary['n']} seed(s), {summary['favour']} in favour")
-    lines += ["", f"Figures: figures/ktc2023_learned_<method>.png (seed {spec['seeds'][0]}; labels by the row's rule), "
-              f"validation curves figures/ktc2023_learned_curves.png. Runs trained at git commit(s) "
+    lines += ["", f"Figures: figures/{stem}_<method>.png (seed {spec['seeds'][0]}; labels by the row's rule), "
+              f"validation curves figures/{stem}_curves.png. Runs trained at git commit(s) "
               f"{', '.join(sorted({r['git_commit'] for r in rows}))}; scored at {git_commit()}."]
-    (results / "ktc2023_learned.md").write_text("\n".join(lines) + "\n")
+    (results / f"{stem}.md").write_text("\n".join(lines) + "\n")
     for name, (images, labels) in pictures.items():
         is_base = name in baselines
         rule = PRIMARY["baseline" if is_base else "network"]
         total = _totals(rows, name, None if is_base else spec["seeds"][0], rule)["total"]
-        plot_levels(images, labels, truths, figures / f"ktc2023_learned_{slug(name)}.png",
+        plot_levels(images, labels, truths, figures / f"{stem}_{slug(name)}.png",
                     f"KTC2023 training levels, {name} ({rule}): {total:.2f} of 28")
-    plot_curves(curves, figures / "ktc2023_learned_curves.png")
+    plot_curves(curves, figures / f"{stem}_curves.png")
 
 
 def plot_curves(curves: dict, path: Path) -> Path:
