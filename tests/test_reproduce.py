@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -98,7 +99,12 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, monkeypatch, cap
     history = checkpoint.load(run_dir / "checkpoints" / "last.pt")["history"]
     assert history[0] == first_epoch[0]
     reference_history = checkpoint.load(reference_dir / "checkpoints" / "last.pt")["history"]
-    assert history == reference_history
+    untimed = [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+    assert untimed == [{k: v for k, v in h.items() if k != "seconds"} for h in reference_history]
+    # the resumed run's time is both epochs' (epoch 1 ran in the killed process), not this process's alone
+    assert again["train_seconds"] == sum(h["seconds"] for h in history) and history[0]["seconds"] > 0
+    assert common.train_seconds([{"epoch": 1}], 5.0, resumed=False) == 5.0  # a history without per-epoch times
+    assert math.isnan(common.train_seconds([{"epoch": 1}], 5.0, resumed=True))  # ... resumed: unknown, not 5 s
     assert again["scores"] == reference["scores"]
 
 

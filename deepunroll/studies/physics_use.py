@@ -12,6 +12,7 @@ Runs are resumable (deepunroll.studies.common.run_one); ``report_only`` tabulate
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from deepunroll.studies.common import (format_mean_std, load_profile, markdown_table, paired, run_ablation, run_one,
@@ -28,7 +29,7 @@ def _row(variant: str, noise: float, seed: int, result: dict, ablation: dict) ->
             "gn_psnr": base["psnr_mean"], "net_psnr": net["psnr_mean"],
             "psnr_gain_db": net["psnr_mean"] - base["psnr_mean"],
             "no_data_term_ratio": ablation["no_data_term_ratio"], "other_y_ratio": ablation["other_y_ratio"],
-            "epochs": result["epochs"], "train_seconds": round(result["train_seconds"]),
+            "epochs": result["epochs"], "train_seconds": round(seconds) if math.isfinite(seconds := result["train_seconds"]) else seconds,
             "git_commit": result["git_commit"]}
 
 

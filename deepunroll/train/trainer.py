@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -221,7 +222,8 @@ class Trainer:
         return total / len(dataset)
 
     def fit(self, train_set: Dataset, val_set: Dataset, record: dict | None = None) -> list[dict]:
-        """Train to ``settings.epochs``; returns the per-epoch history [{epoch, train_loss, val_loss, lr}].
+        """Train to ``settings.epochs``; returns the per-epoch history [{epoch, train_loss, val_loss, lr, seconds}]
+        (seconds: that epoch's wall time, training and validation, so a resumed run's total is still their sum).
 
         ``record`` (config, commit, versions) is stored in every checkpoint.
         """
@@ -234,6 +236,7 @@ class Trainer:
         writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.epoch) if self.is_main else None
         try:
             while self.epoch < self.settings.epochs:
+                started = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
                 train_loss = self._train_epoch(train_set, writer)
                 solver = solver_stats(self.model)  # fixed-point modes: the last training step's solves
@@ -241,7 +244,7 @@ class Trainer:
                 self.epoch += 1
                 diagnostics = self._diagnostics(val_set)
                 self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr}
-                                    | diagnostics)
+                                    | diagnostics | {"seconds": time.perf_counter() - started})
                 improved = val_loss < self.best_val
                 if improved:
                     self.best_val = val_loss
