@@ -87,6 +87,11 @@ def _write(profile: str, out_dir: Path, rows: list[dict], curves: dict, spec: di
               "data-fit directions set to zero, and with each sample's y replaced by the next sample's (x0 kept); "
               "1.00 means the network ignores the measurements. Validation curves: "
               f"`figures/physics_use_{profile}.png`."]
+    untimed = [f"{r['variant']} noise {r['noise']} seed {r['seed']}" for r in rows
+               if not math.isfinite(r["train_seconds"])]
+    if untimed:
+        lines[-1] += (f" Train s: over the runs whose whole training time is known; not {', '.join(untimed)} (resumed "
+                      "from a checkpoint written before per-epoch times were recorded).")
     (results / f"physics_use_{profile}.md").write_text("\n".join(lines) + "\n")
     _plot(figures / f"physics_use_{profile}.png", curves, profile)
 
