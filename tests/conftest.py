@@ -46,6 +46,11 @@ def tiny_trainer(tiny_toy, tmp_path, epochs: int = 3, **settings):
     return trainer, datasets
 
 
+def untimed(history: list[dict]) -> list[dict]:
+    """A training history less each epoch's wall time (``seconds``): the numbers a rerun must reproduce."""
+    return [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in history]
+
+
 def rel(a, b):
     """Relative error ||a - b|| / ||b|| of array-likes."""
     a, b = np.asarray(a), np.asarray(b)

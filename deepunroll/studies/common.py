@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -118,24 +117,21 @@ def run_one(overrides: list[str], run_dir: Path, info: dict, report_only: bool =
     def work() -> dict:
         resume = (run_dir / "checkpoints" / "last.pt").exists()
         cfg = compose_config(overrides + [f"train.resume={str(resume).lower()}"])
-        start = time.perf_counter()
         trained = train(cfg, run_dir)
-        seconds = train_seconds(trained["history"], time.perf_counter() - start, resume)
         rows = evaluate([trained["best"]], device="cpu")[0]
         return dict(info, overrides=overrides, baseline=rows[0], scores=rows[1], n_params=trained["n_params"],
-                    epochs=len(trained["history"]), train_seconds=seconds, resumed=resume,
+                    epochs=len(trained["history"]), train_seconds=train_seconds(trained["history"]), resumed=resume,
                     git_commit=git_commit(), config=config_dict(cfg))
 
     return run_claimed(run_dir, work, report_only)
 
 
-def train_seconds(history: list[dict], measured: float, resumed: bool) -> float:
-    """Training wall time of a run: the sum of its epochs' times (complete across resumes); ``measured`` (this
-    process's time) for a history without per-epoch times; NaN for such a history that was resumed, whose time
-    before the resume is unknown."""
+def train_seconds(history: list[dict]) -> float:
+    """Training wall time of a run: the sum of its epochs' times, complete across resumes; NaN when some epochs
+    have no time (a run resumed from a checkpoint written before per-epoch times were recorded)."""
     if all("seconds" in epoch for epoch in history):
         return sum(epoch["seconds"] for epoch in history)
-    return math.nan if resumed else measured
+    return math.nan
 
 
 def load_best(run_dir: Path):

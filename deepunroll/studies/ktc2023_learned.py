@@ -3,17 +3,19 @@
     python scripts/reproduce.py study=ktc2023_learned data_root=PATH/TO/ktc2023 [profile=quick] [workers=2]
 
 Every variant x seed of the profile (configs/reproduce/ktc2023_learned.yaml) trains one network on simulated
-difference data (level 1's electrodes, or the variant's ``operator.level``) through the resumable runner (:func:`run_one`). Each trained network is then run on
+difference data (level 1's electrodes, or the variant's ``operator.level``) through the resumable runner
+(:func:`run_one`). Each trained network is then run on
 
 * the simulated test split (first ``sim_samples`` targets): KTC score against the drawn classes, the
   sim side of the sim-to-real check, and the physics ablation (data term removed, another sample's y);
 * the measured training levels 1-7 (4 targets each): y = U - U_ref with NaN rows set to 0, the level's own
-  operator (its electrodes removed, whatever level the network was trained at) and x0 = the linearised step of that
-  operator, so the data term, not the weights, carries the level.
+  operator (its electrodes removed, whatever level the network was trained at) and x0 = the linearised step of
+  that operator, so the data term, not the weights, carries the level.
 
 Reconstructions become labels as in the baseline: the change sigma - sigma_bg on the 256 x 256 grid (nodal
 images) and the organisers' Otsu rule. The linearised x0 alone is scored the same way. Writes
-results/ktc2023_learned_<profile>.{csv,md} and figures/ktc2023_learned_<profile>_<method>.png (seed 0: level rows, targets).
+results/ktc2023_learned_<profile>.{csv,md} and figures/ktc2023_learned_<profile>_<method>.png (seed 0: level rows,
+targets).
 """
 
 from __future__ import annotations
@@ -163,12 +165,13 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
         seeds_of.setdefault(method, []).append({"otsu": otsu, "log_otsu": log_otsu})
     lines = [f"# KTC2023: learned reconstructions trained on simulation (`study=ktc2023_learned profile={profile}`)", "",
              f"Experiment `{spec['experiment']}` with overrides `{' '.join(spec['base']) or '(none)'}`; trained on "
-             "simulated data only (level 1's electrodes unless the variant sets operator.level), run on each measured level with that level's operator and linearised x0. "
+             "simulated data only (level 1's electrodes unless the variant sets operator.level), run on each measured "
+             "level with that level's operator and linearised x0. "
              "Measured: KTC score summed over the 4 targets per level (max 4) and over the 7 levels (max 28), with "
              "the organisers' Otsu rule on the change image (otsu) and on the log contrast log(sigma / sigma_bg) "
              "(log_otsu; deepunroll.realdata.ktc_learned). Sim: mean KTC score on the first "
-             f"{spec['sim_samples']} simulated test targets (of the training level). The organisers' reference method scores "
-             f"{REFERENCE_TOTAL} of 28 on the same measured files. The ratios are the simulated test MSE of the "
+             f"{spec['sim_samples']} simulated test targets (of the training level). The organisers' reference method "
+             f"scores {REFERENCE_TOTAL} of 28 on the same measured files. The ratios are the simulated test MSE of the "
              "trained network with the data-fit directions zeroed and with another sample's y, over its own.", "",
              markdown_table(header, body), ""]
     for method, totals in seeds_of.items():

@@ -24,12 +24,12 @@ COLUMNS = ["variant", "noise", "seed", "gn_mse", "net_mse", "gn_psnr", "net_psnr
 
 
 def _row(variant: str, noise: float, seed: int, result: dict, ablation: dict) -> dict:
-    base, net = result["baseline"], result["scores"]
+    base, net, seconds = result["baseline"], result["scores"], result["train_seconds"]
     return {"variant": variant, "noise": noise, "seed": seed, "gn_mse": base["mse_mean"], "net_mse": net["mse_mean"],
             "gn_psnr": base["psnr_mean"], "net_psnr": net["psnr_mean"],
             "psnr_gain_db": net["psnr_mean"] - base["psnr_mean"],
             "no_data_term_ratio": ablation["no_data_term_ratio"], "other_y_ratio": ablation["other_y_ratio"],
-            "epochs": result["epochs"], "train_seconds": round(seconds) if math.isfinite(seconds := result["train_seconds"]) else seconds,
+            "epochs": result["epochs"], "train_seconds": round(seconds) if math.isfinite(seconds) else seconds,
             "git_commit": result["git_commit"]}
 
 
