@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from tqdm.auto import tqdm
 
 from deepunroll.data.generators import add_relative_noise, add_scaled_noise
@@ -31,6 +31,10 @@ def check_data(data_cfg) -> None:
     check_all("data", RULES, {key: data_cfg[key] for key in RULES if key in data_cfg})
     splits = data_cfg.get("splits") or {}
     check_all("data.splits", dict.fromkeys(SPLITS, POSITIVE_INT), {s: splits[s] for s in SPLITS if s in splits})
+    levels = data_cfg.get("levels")
+    if levels is not None and not (isinstance(levels, (list, ListConfig)) and len(levels) > 0
+                                   and all(is_int(level) for level in levels)):
+        raise ConfigError(f"data.levels={levels!r}: expected null or a non-empty list of integer levels")
     n_train = data_cfg.get("n_train")
     if n_train is not None:
         if not (is_int(n_train) and n_train > 0):
@@ -55,6 +59,8 @@ def data_metadata(data_cfg: DictConfig, generator, x0) -> dict:
     noise_model = data_cfg.get("noise_model", "relative")
     if noise_model != "relative":
         meta["noise_model"] = str(noise_model)
+    if data_cfg.get("levels") is not None:
+        meta["levels"] = [int(level) for level in data_cfg.levels]
     return meta
 
 
@@ -67,6 +73,19 @@ def add_noise(data_cfg: DictConfig, operator: ForwardOperator, y: torch.Tensor, 
     if not hasattr(operator, "noise_std"):
         raise ConfigError(f"data.noise_model=operator: {type(operator).__name__} has no noise model (noise_std)")
     return add_scaled_noise(y, level, operator.noise_std(), rng)
+
+
+def drop_levels(data_cfg: DictConfig, operator: ForwardOperator, y: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """y (B, *out_shape) with each sample's rows outside a level drawn uniformly from ``data.levels`` set to 0
+    (the operator's ``level_masks``: KTC2023's removed electrodes); y itself when data.levels is null."""
+    levels = data_cfg.get("levels")
+    if levels is None:
+        return y
+    if not hasattr(operator, "level_masks"):
+        raise ConfigError(f"data.levels: {type(operator).__name__} has no electrode levels (operator=ktc_cem has)")
+    masks = operator.level_masks([int(level) for level in levels]).to(y.dtype)
+    pick = torch.randint(len(levels), (y.shape[0],), generator=rng)
+    return y * masks[pick].reshape(y.shape)
 
 
 def _fingerprint(operator_meta: dict, data_meta: dict) -> str:
@@ -103,6 +122,7 @@ def generate_dataset(data_cfg: DictConfig, operator: ForwardOperator, generator,
         for start in tqdm(range(0, n, chunk), desc=f"{data_cfg.name}/{split}", unit="chunk", leave=False, disable=None):
             with torch.no_grad():
                 y = add_noise(data_cfg, operator, operator(x[start : start + chunk]), rng)
+                y = drop_levels(data_cfg, operator, y, rng)
                 y_parts.append(y)
                 x0_parts.append(x0(operator, y))
         splits[split] = {"x": x, "y": torch.cat(y_parts), "x0": torch.cat(x0_parts)}

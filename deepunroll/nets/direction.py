@@ -28,6 +28,9 @@ also after the operator is swapped, e.g. for another level of missing electrodes
 equal size (it never calls the operator's derivatives; LPD's dual blocks still read F(x) and y).
 ``gauss_newton``: lam = ``damping`` x mean(diag(J J^T)) per sample (scale-free); the M x M system
 (M measurements) is solved by one batched Cholesky per iterate, J from ``operator.linearize``.
+Missing measurements (:meth:`ForwardOperator.observed`, e.g. a KTC2023 sample's removed electrodes): r and
+the rows of J are zeroed where a sample has no data, and ``frozen_gn`` uses G built from J0 with those rows
+zeroed (one G per pattern of observed rows, cached), so one network serves data with different rows missing.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import nn
 from deepunroll.operators.base import ForwardOperator
 
 KINDS = ("raw", "scaled", "gauss_newton", "frozen_gn", "none")
+MAX_PATTERNS = 16  # frozen_gn: patterns of observed rows kept (one (n_in, n_out) G each)
 
 
 class DataFit(nn.Module):
@@ -69,12 +73,32 @@ class DataFit(nn.Module):
 
     def linearise_at_reference(self, operator: ForwardOperator) -> None:
         """``frozen_gn``: (re)build G = J0^T (J0 J0^T + lam0 I)^{-1} (n_in, n_out) float64 at the operator's
-        reference point (non-persistent buffer ``gain``)."""
+        reference point (non-persistent buffers ``gain`` and ``reference_jacobian`` J0 (n_out, n_in); the
+        gains of other patterns of observed rows are rebuilt from J0 when first needed)."""
         jac = operator.jacobian(operator.reference_point().to(torch.float64))[0].to(torch.float64)  # (M, N)
+        self.register_buffer("reference_jacobian", jac, persistent=False)
+        self.register_buffer("gain", self._pseudo_inverse(jac), persistent=False)
+        self._pattern_gains: dict[bytes, torch.Tensor] = {}
+
+    def _pseudo_inverse(self, jac: torch.Tensor) -> torch.Tensor:
+        """J^T (J J^T + lam I)^{-1} (N, M), lam = damping * mean(diag(J J^T)) over all M rows (zero rows included);
+        zeros when J is zero (no rows observed)."""
         gram = jac @ jac.T
+        if not bool(gram.diagonal().any()):
+            return torch.zeros_like(jac.T).contiguous()
         gram.diagonal().add_(self.damping * gram.diagonal().mean())
-        gain = torch.cholesky_solve(jac, torch.linalg.cholesky(gram)).T  # (N, M) = J0^T (J0 J0^T + lam0 I)^-1
-        self.register_buffer("gain", gain.contiguous(), persistent=False)
+        return torch.cholesky_solve(jac, torch.linalg.cholesky(gram)).T.contiguous()
+
+    def _pattern_gain(self, observed: torch.Tensor) -> torch.Tensor:
+        """G for the observed rows (n_out,) bool: J0 with the other rows zeroed (built once per pattern)."""
+        key = observed.cpu().numpy().tobytes()
+        if key not in self._pattern_gains:
+            if len(self._pattern_gains) >= MAX_PATTERNS:
+                raise ValueError(f"net.direction=frozen_gn: more than {MAX_PATTERNS} patterns of missing "
+                                 "measurements (each needs its own G); expected a few (the KTC2023 levels)")
+            jac = self.reference_jacobian * observed.to(self.reference_jacobian.dtype)[:, None]
+            self._pattern_gains[key] = self._pseudo_inverse(jac)
+        return self._pattern_gains[key]
 
     @property
     def aux_channels(self) -> int:
@@ -97,11 +121,16 @@ class DataFit(nn.Module):
     def misfit_direction(self, operator: ForwardOperator, x: torch.Tensor, y: torch.Tensor):
         """(d, aux): the data-fit direction (B, *in_shape) at x (float64) for measurements y (float64);
         aux (B,) with ``normalize`` (log10 of d's rms before normalisation), else None."""
+        observed = operator.observed(y)
         if self.kind == "gauss_newton":
             predicted, jac = operator.linearize(x)
-            d = _regularised_pseudo_inverse(jac, predicted - y, self.damping, x.shape)
+            residual = predicted - y
+            if observed is not None:
+                rows = observed.to(jac.dtype)
+                residual, jac = residual * rows.reshape(residual.shape), jac * rows[:, :, None]
+            d = _regularised_pseudo_inverse(jac, residual, self.damping, x.shape)
         elif self.kind == "frozen_gn":
-            d = self._frozen(operator(x) - y, x.shape)
+            d = self._frozen(operator(x) - y, x.shape, observed)
         else:
             d = operator.misfit_grad(x, y)
             if self.kind == "raw":
@@ -122,9 +151,18 @@ class DataFit(nn.Module):
         grad = operator.vjp(x, h)
         return grad if self.kind == "raw" else grad / self.scale
 
-    def _frozen(self, r: torch.Tensor, x_shape) -> torch.Tensor:
-        """G r: r (B, *out) -> (B, *x_shape)."""
-        return (r.reshape(r.shape[0], -1).to(self.gain.dtype) @ self.gain.T).reshape(x_shape)
+    def _frozen(self, r: torch.Tensor, x_shape, observed: torch.Tensor | None = None) -> torch.Tensor:
+        """G r: r (B, *out) -> (B, *x_shape); with ``observed`` (B, n_out) bool each sample's r is zeroed off its
+        rows and multiplied by the G of its pattern (one product per pattern in the batch)."""
+        r = r.reshape(r.shape[0], -1).to(self.gain.dtype)
+        if observed is None:
+            return (r @ self.gain.T).reshape(x_shape)
+        patterns, which = torch.unique(observed, dim=0, return_inverse=True)
+        d = r.new_empty((r.shape[0], self.gain.shape[0]))
+        for index, pattern in enumerate(patterns):
+            rows = which == index
+            d[rows] = (r[rows] * pattern.to(r.dtype)) @ self._pattern_gain(pattern).T
+        return d.reshape(x_shape)
 
 
 def _regularised_pseudo_inverse(jac: torch.Tensor, r: torch.Tensor, damping: float, x_shape) -> torch.Tensor:

@@ -60,6 +60,12 @@ class ForwardOperator(nn.Module):
         (:mod:`deepunroll.nets.direction`); zeros unless a subclass knows better (EIT: unit conductivity)."""
         return torch.zeros((1, *self.in_shape), dtype=torch.float64, device=self._device())
 
+    def observed(self, y: torch.Tensor) -> torch.Tensor | None:
+        """(B, n_out) bool: the entries of measurements y (B, *out_shape) that carry data, or None when all do
+        (the default). Operators whose data may miss rows per sample (the KTC2023 tank's removed electrodes)
+        say which; the data-fit directions and initial guesses then ignore the rest."""
+        return None
+
     def element_mesh(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(nodes (N, 2), elements (E, 3)) when x holds one value per triangle of a mesh (EIT, CEM), else None;
         mesh convolutions (``net.step.block=mesh``) read it."""

@@ -9,7 +9,10 @@ V the :class:`~deepunroll.operators.eit.cem.CompleteElectrodeModel` on :func:`kt
 injection / measurement patterns of ``ref.mat`` under ``data_root`` and contact impedance z, sigma_bg the
 water background (defaults: the empty-tank calibration on this mesh, docs/ktc_sim.md), keep (2356,) the
 rows :func:`ktc2023.level_keep_mask` keeps at ``level`` (removed rows are exactly 0, so residuals there
-vanish). sigma is floored at 1e-3 sigma_bg before the CEM (iterates of a network may leave the positive
+vanish). Measurements y that are exactly 0 count as missing (:meth:`KTCDifferenceCEM.observed`): that is how
+a level's removed rows are stored, in measured difference data and in a mixed-level dataset
+(``data.levels``, where each sample has its own level's rows zeroed), so one level-1 operator serves data of
+every level: the data-fit directions and x0 use, per sample, the rows it has. sigma is floored at 1e-3 sigma_bg before the CEM (iterates of a network may leave the positive
 cone; the derivative is 0 where the floor holds). The offset does not change derivatives: J_F = keep * J_V, and ``vjp`` / ``misfit_grad`` /
 ``jacobian`` are the CEM's with the mask applied. :meth:`noise_std` is the organisers' reference noise model
 on the simulated empty tank, sqrt((0.05 % |V_bg|)^2 + (0.01 % max|V_bg|)^2), 0 on removed rows; with
@@ -17,9 +20,9 @@ on the simulated empty tank, sqrt((0.05 % |V_bg|)^2 + (0.01 % max|V_bg|)^2), 0 o
 
 :class:`KTCDifferenceX0` (``x0=ktc_difference``) is the reference method's one-step linearised difference
 reconstruction at sigma_bg, x0 = max(sigma_bg + G y, floor sigma_bg), with G (E, 2356) =
-R (A^T W A + I)^-1 A^T W, A = J_F R, W = keep / noise variance, R R^T the smoothness prior
-(:func:`difference.smoothness_factor` on the element centroids); G is built once per operator (one Jacobian,
-one r x r solve) and each sample costs one product.
+R (A^T W A + I)^-1 A^T W, A = J_F R, W = observed / noise variance, R R^T the smoothness prior
+(:func:`difference.smoothness_factor` on the element centroids); G is built once per operator and pattern of
+observed rows (one r x r solve; the Jacobian once per operator), and each sample costs one product.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from deepunroll.operators.base import ForwardOperator
 from deepunroll.operators.eit.cem import CompleteElectrodeModel
 from deepunroll.realdata import ktc2023
 from deepunroll.realdata.difference import noise_variance, smoothness_factor
-from deepunroll.validation import OPEN_UNIT_INTERVAL, POSITIVE, ConfigError, check_all, is_number, one_of
+from deepunroll.validation import OPEN_UNIT_INTERVAL, POSITIVE, ConfigError, check_all, is_int, is_number, one_of
 
 _DTYPE = torch.float64
 # empty-tank calibration (operators.eit.calibration.fit_background) of ref.mat on tank_mesh(0.05): docs/ktc_sim.md
@@ -131,6 +134,23 @@ class KTCDifferenceCEM(ForwardOperator):
         """The water background (1, E) S/m."""
         return torch.full((1, self.n_in), self.background, dtype=_DTYPE, device=self.keep.device)
 
+    def observed(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, 2356) bool: rows the level keeps where y is not exactly 0 (a removed row is stored as 0)."""
+        return (self.keep > 0) & (y.reshape(y.shape[0], -1) != 0)
+
+    def level_masks(self, levels) -> torch.Tensor:
+        """(len(levels), 2356) float64 in {0, 1}: the rows each level in ``levels`` keeps (``data.levels``: a
+        mixed-level dataset zeroes the rest per sample); needs the operator at level 1 (every electrode)."""
+        if self.level != 1:
+            raise ConfigError(f"data.levels needs operator.level=1 (every electrode; each sample gets its own "
+                              f"level's mask), got operator.level={self.level}")
+        levels = list(levels)
+        if not levels or not all(is_int(level) and 1 <= level <= ktc2023.N_LEVELS for level in levels):
+            raise ConfigError(f"data.levels={levels}: expected a non-empty list of levels in 1..{ktc2023.N_LEVELS}")
+        inj, mpat = self._patterns
+        masks = np.stack([ktc2023.level_keep_mask(inj, mpat, int(level)) for level in levels])
+        return torch.as_tensor(masks, dtype=_DTYPE, device=self.keep.device)
+
     def noise_std(self) -> torch.Tensor:
         """(2356,) per-entry std (V) of the reference noise model on the simulated empty tank; 0 on removed rows."""
         return self.noise_sd
@@ -155,16 +175,17 @@ class KTCDifferenceCEM(ForwardOperator):
         return self.cem.jacobian(floored) * self.keep.to(sigma.dtype)[:, None] * active[:, None, :]
 
     def misfit_grad(self, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """J_F^T (F(sigma) - y) (B, E) from one factorisation per sample (the CEM's fields). With J_F = keep * J and
-        keep in {0, 1}, J_F^T (F - y) = J^T r for r = keep * (V(sigma) - V(sigma_bg) - y): keep is applied once."""
+        """J_F^T (F(sigma) - y) (B, E) over the rows each sample has (:meth:`observed`), from one factorisation per
+        sample (the CEM's fields): J^T r for r = observed * (V(sigma) - V(sigma_bg) - y)."""
         self.check_input(y, "y", self.out_shape)
         floored, active = self._floored(sigma)
         sigma64, _ = self.cem._inputs(floored, None)
         size = self.cem.cholesky.chunk_size(sigma64.device)
+        observed = self.observed(y).to(_DTYPE)
         parts = []
-        for part, target in zip(sigma64.split(size), y.to(_DTYPE).split(size)):
+        for part, target, rows in zip(sigma64.split(size), y.to(_DTYPE).split(size), observed.split(size)):
             fields = self.cem.fields(part)
-            residual = (self.cem.voltages_from_fields(fields) - self.background_voltages - target) * self.keep
+            residual = (self.cem.voltages_from_fields(fields) - self.background_voltages - target) * rows
             parts.append(self.cem.vjp_from_fields(fields, residual))
         return (torch.cat(parts) * active.to(_DTYPE)).to(sigma.dtype)
 
@@ -186,26 +207,33 @@ class KTCDifferenceX0:
         return {"initial_guess": "KTCDifference", "prior_std": self.prior_std, "prior_length": self.prior_length,
                 "floor": self.floor}
 
-    def gain(self, operator: KTCDifferenceCEM) -> torch.Tensor:
-        """G (E, 2356) float64 on the operator's device, built once per operator."""
+    def gain(self, operator: KTCDifferenceCEM, observed: torch.Tensor | None = None) -> torch.Tensor:
+        """G (E, 2356) float64 on the operator's device for the rows ``observed`` (2356,) bool (default: the
+        operator's level's); built once per operator and pattern (the Jacobian and prior once per operator)."""
         if not isinstance(operator, KTCDifferenceCEM):
             raise ConfigError(f"x0=ktc_difference needs operator=ktc_cem, got {type(operator).__name__}")
-        if self._cache is not None and self._cache[0] is operator:
-            return self._cache[1]
-        dev = operator.keep.device
-        factor = torch.as_tensor(smoothness_factor(operator.centroids.cpu().numpy(), self.prior_std,
-                                                   self.prior_length), dtype=_DTYPE, device=dev)   # (E, r)
-        jac = operator.jacobian(operator.reference_point())[0]                                  # (n, E), masked
-        a = jac @ factor                                                                        # (n, r)
-        kept = operator.keep > 0
-        weight = torch.where(kept, 1.0 / torch.where(kept, operator.noise_sd, 1.0).square(), 0.0)  # W (n,)
-        weighted = a * weight[:, None]
-        normal = a.T @ weighted + torch.eye(a.shape[1], dtype=_DTYPE, device=dev)
-        gain = factor @ torch.cholesky_solve(weighted.T.contiguous(), torch.linalg.cholesky(normal))  # (E, n)
-        self._cache = (operator, gain)
-        return gain
+        if self._cache is None or self._cache[0] is not operator:
+            dev = operator.keep.device
+            factor = torch.as_tensor(smoothness_factor(operator.centroids.cpu().numpy(), self.prior_std,
+                                                       self.prior_length), dtype=_DTYPE, device=dev)   # (E, r)
+            jac = operator.jacobian(operator.reference_point())[0]                              # (n, E), masked
+            self._cache = (operator, factor, jac @ factor, {})                                  # A = J_F R (n, r)
+        _, factor, a, gains = self._cache
+        kept = operator.keep > 0 if observed is None else observed & (operator.keep > 0)
+        key = kept.cpu().numpy().tobytes()
+        if key not in gains:
+            weight = torch.where(kept, 1.0 / torch.where(kept, operator.noise_sd, 1.0).square(), 0.0)  # W (n,)
+            weighted = a * weight[:, None]
+            normal = a.T @ weighted + torch.eye(a.shape[1], dtype=_DTYPE, device=a.device)
+            gains[key] = factor @ torch.cholesky_solve(weighted.T.contiguous(), torch.linalg.cholesky(normal))
+        return gains[key]
 
     def __call__(self, operator: KTCDifferenceCEM, y: torch.Tensor) -> torch.Tensor:
-        gain = self.gain(operator)
-        x0 = (operator.background + y.to(_DTYPE) @ gain.T).clamp_min(self.floor * operator.background)
-        return x0.to(y.dtype)
+        """x0 (B, E) for y (B, 2356): each sample through the gain of its observed rows (one product per pattern)."""
+        y64 = y.to(_DTYPE)
+        patterns, which = torch.unique(operator.observed(y64), dim=0, return_inverse=True)
+        change = torch.empty((y.shape[0], operator.n_in), dtype=_DTYPE, device=y.device)
+        for index, pattern in enumerate(patterns):
+            rows = which == index
+            change[rows] = y64[rows] @ self.gain(operator, pattern).T
+        return (operator.background + change).clamp_min(self.floor * operator.background).to(y.dtype)

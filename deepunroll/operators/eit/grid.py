@@ -92,6 +92,9 @@ class GridOperator(ForwardOperator):
         predicted, jac = self.mesh_operator.linearize(self.grid.to_mesh(z))
         return predicted, jac @ self.grid.project.to(jac.dtype)
 
+    def observed(self, y: torch.Tensor) -> torch.Tensor | None:
+        return self.mesh_operator.observed(y)
+
     def misfit_grad(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.check_input(z)
         return self._to_image(self.mesh_operator.misfit_grad(self.grid.to_mesh(z), y))
