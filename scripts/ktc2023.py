@@ -1,11 +1,13 @@
 """KTC2023 entry interface: reconstruct every dataN.mat of a folder against its ref.mat.
 
-    python scripts/ktc2023.py INPUT_DIR OUTPUT_DIR LEVEL [--sigma0 fit] [--gauss-newton-steps 2] ...
+    python scripts/ktc2023.py INPUT_DIR OUTPUT_DIR LEVEL [--model CHECKPOINT] [--linearised [--sigma0 fit] ...]
 
 INPUT_DIR holds ref.mat (the empty tank: Injref, Mpat, Uelref) and data1.mat, data2.mat, ...; LEVEL (1..7)
 is the difficulty level (electrodes 1 .. 2(LEVEL - 1) removed). Writes OUTPUT_DIR/N.mat with
 ``reconstruction``: a 256 x 256 uint8 image, 0 water, 1 resistive, 2 conductive (the challenge's format).
-Defaults: the reference method's settings (docs/real_tanks.md) on our own tank mesh.
+Default: the shipped network (deepunroll/realdata/models/ktc2023_default.pt, trained on simulation only;
+docs/ktc_learned.md says which and how it was chosen). ``--linearised``: the reference method's
+linearised difference step with its settings (docs/real_tanks.md) on our own tank mesh.
 """
 
 import argparse
@@ -18,8 +20,11 @@ import scipy.io
 import torch
 
 from deepunroll.realdata import ktc2023
-from deepunroll.realdata.ktc_learned import SEGMENTATIONS, KTCLearnedReconstructor
+from deepunroll.realdata.ktc_learned import DEFAULT_MODEL, SEGMENTATIONS, KTCLearnedReconstructor
 from deepunroll.realdata.ktc_reconstruct import MESH_CHOICES, KTCReconstructor, KTCSettings, data_files
+
+
+LINEARISED_ONLY = ("mesh", "mesh_root", "h0", "sigma0", "contact_impedance", "gauss_newton_steps")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -34,11 +39,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sigma0", default=str(defaults.sigma0), help="linearisation conductivity, or 'fit'")
     parser.add_argument("--contact-impedance", type=float, default=defaults.contact_impedance)
     parser.add_argument("--gauss-newton-steps", type=int, default=defaults.gauss_newton_steps)
-    parser.add_argument("--model", type=Path, default=None,
-                        help="a checkpoint trained on data=ktc2023_sim (docs/ktc_learned.md); absent: the linearised "
-                             "difference baseline with the settings above")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="a checkpoint trained on data=ktc2023_sim (docs/ktc_learned.md); default: the shipped one")
+    parser.add_argument("--linearised", action="store_true",
+                        help="the linearised difference baseline with the mesh and linearisation settings above "
+                             "(they apply only with this flag) instead of a network")
     parser.add_argument("--segmentation", default="log_otsu", choices=SEGMENTATIONS,
-                        help="--model only: Otsu on the change (otsu) or on log(sigma / sigma_bg) (log_otsu)")
+                        help="networks only: Otsu on the change (otsu) or on log(sigma / sigma_bg) (log_otsu)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser.parse_args(argv)
 
@@ -47,6 +54,11 @@ def run(args: argparse.Namespace) -> None:
     if not args.input_dir.is_dir():
         raise FileNotFoundError(f"INPUT_DIR {args.input_dir} is not a folder")
     ktc2023.removed_electrodes(args.level)  # checks LEVEL
+    if not args.linearised:
+        defaults = parse([str(args.input_dir), str(args.output_dir), str(args.level)])
+        for option in LINEARISED_ONLY:
+            if getattr(args, option) != getattr(defaults, option):
+                raise ValueError(f"--{option.replace('_', '-')} applies to the linearised baseline: add --linearised")
     files = data_files(args.input_dir)
     if not files:
         raise FileNotFoundError(f"INPUT_DIR {args.input_dir} holds no dataN.mat file")
@@ -55,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
                            args.gauss_newton_steps)
     start = time.perf_counter()
     ref = ktc2023.load_measurement(args.input_dir / "ref.mat")
-    if args.model is None:
+    if args.linearised:
         reconstructor = KTCReconstructor(ref, settings)
     else:
         reconstructor = KTCLearnedReconstructor(args.model, args.input_dir / "ref.mat", args.segmentation)
@@ -68,7 +80,7 @@ def run(args: argparse.Namespace) -> None:
     for (number, _), image in zip(files, labels):
         scipy.io.savemat(str(args.output_dir / f"{number}.mat"), {"reconstruction": image})
     total = time.perf_counter() - start
-    method = f"network {args.model}" if args.model else "linearised difference baseline"
+    method = "linearised difference baseline" if args.linearised else f"network {args.model}"
     print(f"level {args.level}: {len(files)} reconstructions ({method}) written to {args.output_dir} in {total:.1f} s "
           f"(setup {setup:.1f} s: mesh, Jacobian, prior; {reconstructor.n_elements} elements, sigma0 "
           f"{reconstructor.sigma0:.4g})")

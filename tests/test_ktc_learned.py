@@ -88,6 +88,31 @@ def test_challenge_script_runs_a_trained_model(tiny_study, tmp_path):
     assert failed.returncode == 1 and failed.stderr.strip().splitlines() == [
         f"error: model checkpoint {tmp_path / 'none.pt'} does not exist"]
 
+def test_ship_exports_the_variants_network_with_its_provenance(tiny_study):
+    """The tiny profile's ship entry: weights and config only (a third of the training checkpoint's bytes, which
+    carries Adam's two moments), with the machine's data path replaced by the config default; the same labels as
+    the run's own checkpoint; the provenance's measured total is the table's (log_otsu) for that seed."""
+    from deepunroll.train.checkpoint import load
+
+    out, rows = tiny_study
+    shipped = out / "runs" / "ktc2023_learned_tiny_model.pt"
+    best = out / "runs" / "ktc2023_learned_tiny" / "post-processing_seed=0" / "checkpoints" / "best.pt"
+    state = load(shipped)
+    assert set(state) == {"model", "config", "provenance", "epoch", "best_val"}
+    assert shipped.stat().st_size < 0.4 * best.stat().st_size
+    assert state["config"]["config"]["operator"]["data_root"] == "${oc.env:DEEPUNROLL_KTC_ROOT,../shared/data/ktc2023}"
+    provenance = state["provenance"]
+    assert provenance["variant"] == "post-processing" and provenance["seed"] == 0
+    measured = sum(r["score"] for r in rows if r["method"] == "post-processing" and r["split"] == "measured"
+                   and r["segmentation"] == "log_otsu")
+    assert provenance["measured_total"] == pytest.approx(measured, abs=1e-12)
+    data = load_level(ROOT, 4)
+    np.testing.assert_array_equal(KTCLearnedReconstructor(shipped, ROOT / "training" / "ref.mat").labels(data, 4),
+                                  KTCLearnedReconstructor(best, ROOT / "training" / "ref.mat").labels(data, 4))
+    assert "our replication of the reference method (its settings on our mesh), per level L1-L7: 2.974 / 2.896 / " \
+        "2.924 / 2.682 / 2.468 / 2.420 / 1.772" in (out / "results" / "ktc2023_learned_tiny.md").read_text()
+
+
 def test_learned_reconstructor_checks_level_and_rule_and_log_otsu_is_scale_free(tiny_study):
     """Bad level or rule: one error naming it. log_otsu labels depend on sigma / sigma_bg only: a conductivity
     field and the same field times 1.7 with sigma_bg times 1.7 get the same labels; otsu labels of a change whose

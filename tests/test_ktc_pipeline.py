@@ -170,7 +170,8 @@ def test_level_masks_match_the_nan_pattern_of_every_level():
 def test_baseline_scores_and_the_challenge_interface(tmp_path):
     """The default pipeline (reference settings on our mesh h0 0.05) on level 1 scores 0.697, 0.772, 0.842, 0.663
     against training/trueK.mat (measured; the level-by-level table is results/ktc2023_levels.md), and
-    scripts/ktc2023.py writes the same labels as 1.mat .. 4.mat (uint8, 256 x 256, values in {0, 1, 2})."""
+    scripts/ktc2023.py --linearised writes the same labels as 1.mat .. 4.mat (uint8, 256 x 256, values in {0, 1, 2});
+    a linearisation setting without --linearised (the network is the default) is one line."""
     ref = ktc2023.load_measurement(ROOT / "training" / "ref.mat")
     data = np.stack([ktc2023.load_measurement(ROOT / "training_levels" / "level_1" / f"data{k}.mat")["uel"]
                      for k in range(1, 5)])
@@ -184,7 +185,7 @@ def test_baseline_scores_and_the_challenge_interface(tmp_path):
     for k in range(1, 5):
         (inputs / f"data{k}.mat").symlink_to(ROOT / "training_levels" / "level_1" / f"data{k}.mat")
     script = [sys.executable, str(REPO / "scripts" / "ktc2023.py")]
-    done = subprocess.run(script + [str(inputs), str(tmp_path / "out"), "1", "--threads", "1"],
+    done = subprocess.run(script + [str(inputs), str(tmp_path / "out"), "1", "--threads", "1", "--linearised"],
                           capture_output=True, text=True, check=True)
     assert "level 1: 4 reconstructions (linearised difference baseline) written to" in done.stdout
     for k in range(1, 5):
@@ -197,6 +198,10 @@ def test_baseline_scores_and_the_challenge_interface(tmp_path):
         f"error: KTC2023: {inputs / 'ref.mat'} does not exist (expected the challenge's files under the data root)"]
     bad_level = subprocess.run(script + [str(inputs), str(tmp_path / "out"), "8"], capture_output=True, text=True)
     assert bad_level.returncode == 1 and "level must be an integer in 1..7" in bad_level.stderr
+    no_flag = subprocess.run(script + [str(inputs), str(tmp_path / "out"), "1", "--sigma0", "fit"], capture_output=True,
+                             text=True)
+    assert no_flag.returncode == 1 and no_flag.stderr.strip().splitlines() == [
+        "error: --sigma0 applies to the linearised baseline: add --linearised"]
 
 
 def test_levels_study_needs_its_data_root(tmp_path):

@@ -46,6 +46,8 @@ def on_operator(model: torch.nn.Module, operator: KTCDifferenceCEM) -> torch.nn.
 
 
 SEGMENTATIONS = ("otsu", "log_otsu")
+# the network scripts/ktc2023.py runs by default (weights and config; written by study=ktc2023_learned's ``ship``)
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "ktc2023_default.pt"
 LOG_FLOOR = 1e-3  # log_otsu: conductivities below LOG_FLOOR * sigma_bg count as LOG_FLOOR * sigma_bg
 
 

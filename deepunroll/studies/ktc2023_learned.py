@@ -15,7 +15,10 @@ difference data (level 1's electrodes, or the variant's ``operator.level``) thro
 Reconstructions become labels as in the baseline: the change sigma - sigma_bg on the 256 x 256 grid (nodal
 images) and the organisers' Otsu rule. The linearised x0 alone is scored the same way. Writes
 results/ktc2023_learned_<profile>.{csv,md} and figures/ktc2023_learned_<profile>_<method>.png (seed 0: level rows,
-targets).
+targets). Per level, the seeds' mean is set against our replication of the organisers' reference method (its
+settings on our mesh, :class:`ktc_reconstruct.KTCReconstructor`). A profile's ``ship`` entry exports one variant's
+network (weights and config) for scripts/ktc2023.py: the seed with the lowest simulated validation MSE, so the
+measured files do not pick the seed.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ from deepunroll.metrics import ktc_score
 from deepunroll.pipeline import load_datasets
 from deepunroll.realdata import ktc2023
 from deepunroll.realdata.ktc_learned import SEGMENTATIONS, KTCLearnedReconstructor, on_operator
+from deepunroll.realdata.ktc_reconstruct import KTCReconstructor
 from deepunroll.realdata.pixel_grid import PixelMap
 from deepunroll.record import git_commit
 from deepunroll.studies.common import (load_profile, markdown_table, measured_data_root, paired, run_ablation,
                                        run_one, slug, val_curve)
 from deepunroll.studies.ktc2023_levels import REFERENCE_TOTAL, load_level, load_truths, plot_levels
 from deepunroll.tables import write_csv
+from deepunroll.train.checkpoint import export_model
 from deepunroll.validation import ConfigError
 
 COLUMNS = ["method", "seed", "split", "level", "target", "segmentation", "score", "git_commit"]
@@ -88,6 +93,37 @@ def score_run(run_dir: Path, method: str, seed: int, root: Path, truths: np.ndar
     return rows, base_rows, {name: (np.stack(i), np.stack(l)) for name, (i, l) in pictures.items()}
 
 
+def reference_levels(root: Path, truths: np.ndarray) -> dict[int, float]:
+    """{level: KTC score summed over the 4 measured targets} of our replication of the reference method."""
+    reconstructor = KTCReconstructor(ktc2023.load_measurement(root / "training" / "ref.mat"))
+    return {level: float(sum(ktc_score(truth, label) for truth, label in
+                             zip(truths, reconstructor.labels(load_level(root, level), level))))
+            for level in range(1, ktc2023.N_LEVELS + 1)}
+
+
+SHIPPED_SETTINGS = {"operator.data_root": "${oc.env:DEEPUNROLL_KTC_ROOT,../shared/data/ktc2023}", "data.root": "data"}
+
+
+def ship(spec: dict, profile: str, runs: dict, curves: dict, rows: list[dict], out_dir: Path) -> Path | None:
+    """Export ``spec['ship']['variant']``'s network with the lowest simulated validation MSE over its seeds to
+    ``spec['ship']['to']`` (under out_dir), with its provenance; None (nothing written) until every seed is done."""
+    variant, target = spec["ship"]["variant"], out_dir / spec["ship"]["to"]
+    if variant not in spec["variants"]:
+        raise ConfigError(f"ktc2023_learned profile {profile}: ship.variant {variant!r} is not one of its variants")
+    done = {seed: runs[variant, seed] for seed in spec["seeds"] if (variant, seed) in runs}
+    if len(done) < len(spec["seeds"]):
+        return None
+    best_val = {seed: float(min(curves[variant, seed])) for seed in done}
+    seed = min(best_val, key=best_val.get)
+    measured = _totals(rows, variant, seed, PRIMARY["network"])
+    export_model(done[seed] / "checkpoints" / "best.pt", target, SHIPPED_SETTINGS, {
+        "study": f"ktc2023_learned profile={profile}", "variant": variant, "seed": seed,
+        "chosen_by": "lowest simulated validation MSE over the seeds", "best_val_by_seed": best_val,
+        "segmentation": PRIMARY["network"], "measured_total": measured["total"],
+        "measured_levels": [measured[level] for level in range(1, ktc2023.N_LEVELS + 1)]})
+    return target
+
+
 def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Path | None = None,
         report_only: bool = False) -> list[dict]:
     spec = load_profile("ktc2023_learned", profile)
@@ -100,7 +136,7 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
                               f"({', '.join(spec['variants'])})")
     truths = load_truths(root)
     runs_dir = Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce"
-    rows, ablations, curves, pictures, baselines = [], {}, {}, {}, {}
+    rows, ablations, curves, pictures, baselines, runs = [], {}, {}, {}, {}, {}
     for seed in spec["seeds"]:
         for method, extra in spec["variants"].items():
             run_dir = runs_dir / f"ktc2023_learned_{profile}" / slug(f"{method}_seed={seed}")
@@ -115,13 +151,18 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
             rows += run_rows
             baselines.setdefault(base_rows[0]["method"], base_rows)  # same data and operator: the same x0
             ablations[method, seed] = run_ablation(run_dir)
+            runs[method, seed] = run_dir
             curves[method, seed] = val_curve(run_dir)
             if seed == spec["seeds"][0]:
                 pictures.update(run_pictures)
     if not baselines:
         return rows
     rows = [row for base in baselines.values() for row in base] + rows
-    _write(profile, out_dir, rows, list(baselines), ablations, curves, pictures, truths, spec)
+    _write(profile, out_dir, rows, list(baselines), ablations, curves, pictures, truths, spec,
+           reference_levels(root, truths))
+    if spec.get("ship"):
+        shipped = ship(spec, profile, runs, curves, rows, out_dir)
+        print(f"shipped model: {shipped}" if shipped else "ship: not every seed is trained yet; nothing exported")
     return rows
 
 
@@ -147,7 +188,7 @@ def _table_row(name, seed, rows, rule, extra) -> tuple[list, dict, dict]:
             by_rule["log_otsu"])
 
 
-def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truths, spec) -> None:
+def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truths, spec, reference) -> None:
     results, figures = out_dir / "results", out_dir / "figures"
     results.mkdir(parents=True, exist_ok=True)
     stem = f"ktc2023_learned_{profile}"
@@ -165,7 +206,8 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
         seeds_of.setdefault(method, []).append({"otsu": otsu, "log_otsu": log_otsu})
     lines = [f"# KTC2023: learned reconstructions trained on simulation (`study=ktc2023_learned profile={profile}`)", "",
              f"Experiment `{spec['experiment']}` with overrides `{' '.join(spec['base']) or '(none)'}`; trained on "
-             "simulated data only (level 1's electrodes unless the variant sets operator.level), run on each measured "
+             "simulated data only (level 1's electrodes unless the variant sets operator.level, or each sample's own "
+             "level with data.levels), run on each measured "
              "level with that level's operator and linearised x0. "
              "Measured: KTC score summed over the 4 targets per level (max 4) and over the 7 levels (max 28), with "
              "the organisers' Otsu rule on the change image (otsu) and on the log contrast log(sigma / sigma_bg) "
@@ -179,6 +221,14 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
             values, sims = [t[rule]["total"] for t in totals], [t[rule]["sim"] for t in totals]
             lines.append(f"- {method}, {rule}: measured total {np.mean(values):.3f} +- {np.std(values):.3f}, sim "
                          f"score {np.mean(sims):.3f} over {len(values)} seed(s)")
+    lines.append(f"- our replication of the reference method (its settings on our mesh), per level L1-L7: "
+                 f"{' / '.join(f'{reference[level]:.3f}' for level in range(1, 8))}, total {sum(reference.values()):.3f}")
+    for method, totals in seeds_of.items():
+        means = {level: float(np.mean([t[PRIMARY['network']][level] for t in totals])) for level in range(1, 8)}
+        above = [level for level in range(1, 8) if means[level] > reference[level]]
+        lines.append(f"- {method}, {PRIMARY['network']}, seed mean minus that replication per level: "
+                     f"{' / '.join(f'{means[level] - reference[level]:+.3f}' for level in range(1, 8))}; above it on "
+                     f"{len(above)} of 7 levels")
     for first, second in spec.get("compare", []):
         if first in seeds_of and second in seeds_of and len(seeds_of[first]) == len(seeds_of[second]):
             for rule in SEGMENTATIONS:

@@ -7,6 +7,8 @@ anything else with a one-line :class:`CheckpointError` naming the file. Checkpoi
 this format (NumPy RNG state pickled as an array) are refused too; convert one you trust with
 
     python -m deepunroll.train.checkpoint --upgrade PATH [PATH ...]
+
+A model to ship (weights and config only) is written by ``--export CHECKPOINT TARGET [--set KEY=VALUE ...]``.
 """
 
 from __future__ import annotations
@@ -159,11 +161,52 @@ def upgrade(path: str | Path) -> bool:
     return True
 
 
+def export_model(source: str | Path, target: str | Path, settings: dict | None = None,
+                 provenance: dict | None = None) -> dict:
+    """Write the weights and config of checkpoint ``source`` to ``target`` without the optimiser, scheduler,
+    history and RNG states (a model to ship: about a third of a training checkpoint). ``settings``
+    {dotted config key: value} replace entries of the stored config (e.g. a machine's absolute data paths);
+    ``provenance`` (plain data: the run, its seed, how it was chosen) is stored beside. Returns what was written."""
+    state = load(source)
+    config = dict(state["config"])
+    body = config["config"]
+    for key, value in (settings or {}).items():
+        *parents, leaf = key.split(".")
+        node = body
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise KeyError(f"{source}: the stored config has no {key}")
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"{source}: the stored config has no {key}")
+        node[leaf] = value
+    model = {"model": state["model"], "config": config, "provenance": dict(provenance or {}),
+             "epoch": state.get("epoch"), "best_val": state.get("best_val")}
+    save_atomic(model, Path(target))
+    return model
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m deepunroll.train.checkpoint", description=__doc__.split("\n")[0])
-    parser.add_argument("--upgrade", nargs="+", metavar="PATH", required=True,
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--upgrade", nargs="+", metavar="PATH",
                         help="rewrite these trusted older checkpoints in the plain (weights_only) format")
-    for path in parser.parse_args(argv).upgrade:
+    action.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "TARGET"),
+                        help="write CHECKPOINT's weights and config only (no optimiser state) to TARGET")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="--export: replace stored config entries (strings), e.g. operator.data_root=DATA")
+    args = parser.parse_args(argv)
+    if args.export:
+        pairs = [item.split("=", 1) for item in args.set]
+        if any(len(pair) != 2 for pair in pairs):
+            parser.error(f"--set expects KEY=VALUE, got {args.set}")
+        try:
+            export_model(*args.export, settings=dict(pairs))
+        except (KeyError, FileNotFoundError, CheckpointError) as error:
+            parser.exit(1, f"error: {error.args[0]}\n")
+        print(f"{args.export[1]}: weights and config of {args.export[0]}")
+        return
+    for path in args.upgrade:
         print(f"{path}: {'converted' if upgrade(path) else 'already in the plain format'}")
 
 
