@@ -125,3 +125,23 @@ def test_profiles_of_a_single_file_study_merge_the_shared_keys():
                                                    "toy"]
     with pytest.raises(ValueError, match=r"^profile='nope': expected one of paper, quick, tiny for study=equilibrium$"):
         load_profile("equilibrium", "nope")
+
+
+def test_ktc_own_level_set_reads_each_level_from_its_own_network():
+    """study=ktc2023_learned own_level: level L's score comes from the variant trained at L (hand case: the
+    network of level v scores 0.1 v on every target of every level, so the set scores 0.4 L at level L, total
+    0.4 * 28 = 11.2), per seed; above a reference of 0.4 L - 0.01 on all 7 levels, and a seed missing one
+    network is left out."""
+    from deepunroll.studies.ktc2023_learned import _own_level_lines
+
+    variants = [f"net (level {v})" for v in range(1, 8)]
+    spec = {"variants": dict.fromkeys(variants, []), "seeds": [0, 1], "own_level": {"per level": variants}}
+    rows = [{"method": name, "seed": 0, "split": split, "level": level, "segmentation": "log_otsu",
+             "score": 0.1 * v} for v, name in enumerate(variants, start=1) for level in range(1, 8)
+            for split in ("measured",) * 4 + ("sim",)]
+    rows += [dict(row, seed=1) for row in rows if row["method"] != variants[2]]
+    reference = {level: 0.4 * level - 0.01 for level in range(1, 8)}
+    (line,) = _own_level_lines(spec, rows, reference)
+    assert line == ("- per level, log_otsu: measured total 11.200 +- 0.000 over 1 seed(s); per level (seed mean) "
+                    "0.400 / 0.800 / 1.200 / 1.600 / 2.000 / 2.400 / 2.800; above our replication of the reference "
+                    "method on 7 of 7 levels")

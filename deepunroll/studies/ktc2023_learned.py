@@ -188,6 +188,29 @@ def _table_row(name, seed, rows, rule, extra) -> tuple[list, dict, dict]:
             by_rule["log_otsu"])
 
 
+def _own_level_lines(spec: dict, rows: list[dict], reference: dict[int, float]) -> list[str]:
+    """Summary lines of the profile's ``own_level`` sets {name: [variant trained at level 1, ..., at level 7]}: level
+    L's score taken from the network trained at L, per seed where all seven are done."""
+    lines, rule = [], PRIMARY["network"]
+    for name, variants in (spec.get("own_level") or {}).items():
+        if len(variants) != ktc2023.N_LEVELS or any(v not in spec["variants"] for v in variants):
+            raise ConfigError(f"ktc2023_learned own_level {name!r}: expected one variant of the profile per level 1-7")
+        seeds = [seed for seed in spec["seeds"]
+                 if all(any(r["method"] == v and r["seed"] == seed for r in rows) for v in variants)]
+        if not seeds:
+            continue
+        per_seed = [{level: _totals(rows, variants[level - 1], seed, rule)[level] for level in range(1, 8)}
+                    for seed in seeds]
+        totals = [sum(levels.values()) for levels in per_seed]
+        means = {level: float(np.mean([levels[level] for levels in per_seed])) for level in range(1, 8)}
+        above = sum(means[level] > reference[level] for level in range(1, 8))
+        lines.append(f"- {name}, {rule}: measured total {np.mean(totals):.3f} +- {np.std(totals):.3f} over "
+                     f"{len(seeds)} seed(s); per level (seed mean) "
+                     f"{' / '.join(f'{means[level]:.3f}' for level in range(1, 8))}; above our replication of the "
+                     f"reference method on {above} of 7 levels")
+    return lines
+
+
 def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truths, spec, reference) -> None:
     results, figures = out_dir / "results", out_dir / "figures"
     results.mkdir(parents=True, exist_ok=True)
@@ -229,6 +252,7 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
         lines.append(f"- {method}, {PRIMARY['network']}, seed mean minus that replication per level: "
                      f"{' / '.join(f'{means[level] - reference[level]:+.3f}' for level in range(1, 8))}; above it on "
                      f"{len(above)} of 7 levels")
+    lines += _own_level_lines(spec, rows, reference)
     for first, second in spec.get("compare", []):
         if first in seeds_of and second in seeds_of and len(seeds_of[first]) == len(seeds_of[second]):
             for rule in SEGMENTATIONS:
