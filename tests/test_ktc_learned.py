@@ -137,3 +137,27 @@ def test_learned_reconstructor_checks_level_and_rule_and_log_otsu_is_scale_free(
     assert set(np.unique(log_labels)) == {0, 1, 2} and 1 not in set(np.unique(otsu_labels))
     tank.background *= 1.7
     np.testing.assert_array_equal(tank.labels(1.7 * sigma), log_labels)
+
+
+def test_challenge_script_runs_the_shipped_network_by_default(tmp_path):
+    """scripts/ktc2023.py without --model runs deepunroll/realdata/models/ktc2023_default.pt (under 20 MB), whose
+    labels on measured level 7 score what its provenance (the committed study's table) says: 2.2889 (6 s)."""
+    from deepunroll.metrics import ktc_score
+    from deepunroll.realdata.ktc_learned import DEFAULT_MODEL
+    from deepunroll.studies.ktc2023_levels import load_truths
+    from deepunroll.train.checkpoint import load
+
+    assert DEFAULT_MODEL.stat().st_size < 20e6
+    provenance = load(DEFAULT_MODEL)["provenance"]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "ref.mat").symlink_to(ROOT / "training" / "ref.mat")
+    for k in range(1, 5):
+        (inputs / f"data{k}.mat").symlink_to(ROOT / "training_levels" / "level_7" / f"data{k}.mat")
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "ktc2023.py"), str(inputs), str(tmp_path / "out"), "7",
+                           "--threads", "1"], capture_output=True, text=True, check=True)
+    assert f"4 reconstructions (network {DEFAULT_MODEL})" in done.stdout
+    labels = [scipy.io.loadmat(str(tmp_path / "out" / f"{k}.mat"))["reconstruction"] for k in range(1, 5)]
+    total = sum(ktc_score(truth, label) for truth, label in zip(load_truths(ROOT), labels))
+    assert total == pytest.approx(provenance["measured_levels"][6], abs=2e-4)  # the study rounds scores to 1e-4
+    assert total == pytest.approx(2.2889, abs=1e-4)
