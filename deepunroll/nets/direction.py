@@ -31,6 +31,7 @@ equal size (it never calls the operator's derivatives; LPD's dual blocks still r
 Missing measurements (:meth:`ForwardOperator.observed`, e.g. a KTC2023 sample's removed electrodes): r and
 the rows of J are zeroed where a sample has no data, and ``frozen_gn`` uses G built from J0 with those rows
 zeroed (one G per pattern of observed rows, cached), so one network serves data with different rows missing.
+``raw`` / ``scaled`` rely on the operator's ``misfit_grad`` doing the same; LPD's dual blocks see the zeros as data.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class DataFit(nn.Module):
         jac = operator.jacobian(operator.reference_point().to(torch.float64))[0].to(torch.float64)  # (M, N)
         self.register_buffer("reference_jacobian", jac, persistent=False)
         self.register_buffer("gain", self._pseudo_inverse(jac), persistent=False)
-        self._pattern_gains: dict[bytes, torch.Tensor] = {}
+        self._pattern_gains: dict[tuple[str, bytes], torch.Tensor] = {}
 
     def _pseudo_inverse(self, jac: torch.Tensor) -> torch.Tensor:
         """J^T (J J^T + lam I)^{-1} (N, M), lam = damping * mean(diag(J J^T)) over all M rows (zero rows included);
@@ -91,7 +92,7 @@ class DataFit(nn.Module):
 
     def _pattern_gain(self, observed: torch.Tensor) -> torch.Tensor:
         """G for the observed rows (n_out,) bool: J0 with the other rows zeroed (built once per pattern)."""
-        key = observed.cpu().numpy().tobytes()
+        key = (str(self.reference_jacobian.device), observed.cpu().numpy().tobytes())  # a moved module rebuilds
         if key not in self._pattern_gains:
             if len(self._pattern_gains) >= MAX_PATTERNS:
                 raise ValueError(f"net.direction=frozen_gn: more than {MAX_PATTERNS} patterns of missing "

@@ -63,7 +63,8 @@ class ForwardOperator(nn.Module):
     def observed(self, y: torch.Tensor) -> torch.Tensor | None:
         """(B, n_out) bool: the entries of measurements y (B, *out_shape) that carry data, or None when all do
         (the default). Operators whose data may miss rows per sample (the KTC2023 tank's removed electrodes)
-        say which; the data-fit directions and initial guesses then ignore the rest."""
+        say which, and leave the rest out of their ``misfit_grad``; the data-fit directions and initial guesses
+        then ignore the rest."""
         return None
 
     def element_mesh(self) -> tuple[torch.Tensor, torch.Tensor] | None:
