@@ -68,12 +68,15 @@ def baseline_name(cfg) -> str:
     return f"linearised x0 (sigma_bg {cfg.operator.background:g}, z {cfg.operator.contact_impedance:g})"
 
 
-def score_run(run_dir: Path, method: str, seed: int, root: Path, truths: np.ndarray, n_sim: int, commit: str):
+def score_run(run_dir: Path, method: str, seed: int, root: Path, truths: np.ndarray, n_sim: int, commit: str,
+              scored_baselines=()):
     """(rows of the network, rows of its x0, {name: (images, labels) (7, 4, 256, 256)}) of one trained run; the
-    pictures' labels use each method's primary rule (:data:`PRIMARY`)."""
+    pictures' labels use each method's primary rule (:data:`PRIMARY`). The x0 is not scored again (its rows are
+    empty) when its name is in ``scored_baselines``: runs on the same data share it."""
     reconstructor = KTCLearnedReconstructor(run_dir / "checkpoints" / "best.pt", root / "training" / "ref.mat")
     cfg, model, tank = reconstructor.cfg, reconstructor.model, reconstructor.tank
     baseline = baseline_name(cfg)
+    with_baseline = baseline not in scored_baselines
     trained = reconstructor.operator(int(cfg.operator.level))
     on_operator(model, trained)
     test = load_datasets(cfg, trained, splits=("test",))["test"]
@@ -82,12 +85,15 @@ def score_run(run_dir: Path, method: str, seed: int, root: Path, truths: np.ndar
         sigma = model(test.y[sim].float(), test.x0[sim].float()).double()
     sim_truth = sim_truths(trained, instantiate(cfg.data.generator).labels(test.x[sim].double()))
     rows = _scored(method, seed, "sim", 1, sim_truth, sigma, tank, commit)
-    base_rows = _scored(baseline, seed, "sim", 1, sim_truth, test.x0[sim].double(), tank, commit)
-    pictures = {method: ([], []), baseline: ([], [])}
+    base_rows = _scored(baseline, seed, "sim", 1, sim_truth, test.x0[sim].double(), tank, commit) if with_baseline \
+        else []
+    pictures = {method: ([], []), baseline: ([], [])} if with_baseline else {method: ([], [])}
     for level in range(1, ktc2023.N_LEVELS + 1):
         x0, sigma = reconstructor.reconstruct(load_level(root, level), level)
-        for name, values, store, rule in ((method, sigma, rows, PRIMARY["network"]),
-                                          (baseline, x0, base_rows, PRIMARY["baseline"])):
+        outputs = [(method, sigma, rows, PRIMARY["network"])]
+        if with_baseline:
+            outputs.append((baseline, x0, base_rows, PRIMARY["baseline"]))
+        for name, values, store, rule in outputs:
             store += _scored(name, seed, "measured", level, truths, values, tank, commit)
             pictures[name][0].append(tank.images(values)), pictures[name][1].append(tank.labels(values, rule))
     return rows, base_rows, {name: (np.stack(i), np.stack(l)) for name, (i, l) in pictures.items()}
@@ -147,9 +153,10 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
             if result is None:
                 continue
             run_rows, base_rows, run_pictures = score_run(run_dir, method, seed, root, truths, spec["sim_samples"],
-                                                          result["git_commit"])
+                                                          result["git_commit"], baselines)
             rows += run_rows
-            baselines.setdefault(base_rows[0]["method"], base_rows)  # same data and operator: the same x0
+            if base_rows:  # runs with the same operator calibration share x0: scored once
+                baselines[base_rows[0]["method"]] = base_rows
             ablations[method, seed] = run_ablation(run_dir)
             runs[method, seed] = run_dir
             curves[method, seed] = val_curve(run_dir)
