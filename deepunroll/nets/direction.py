@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deepunroll.operators.base import ForwardOperator
+from deepunroll.operators.base import ForwardOperator, product_per_pattern
 
 KINDS = ("raw", "scaled", "gauss_newton", "frozen_gn", "none")
 MAX_PATTERNS = 16  # frozen_gn: patterns of observed rows kept (one (n_in, n_out) G each)
@@ -158,11 +158,7 @@ class DataFit(nn.Module):
         r = r.reshape(r.shape[0], -1).to(self.gain.dtype)
         if observed is None:
             return (r @ self.gain.T).reshape(x_shape)
-        patterns, which = torch.unique(observed, dim=0, return_inverse=True)
-        d = r.new_empty((r.shape[0], self.gain.shape[0]))
-        for index, pattern in enumerate(patterns):
-            rows = which == index
-            d[rows] = (r[rows] * pattern.to(r.dtype)) @ self._pattern_gain(pattern).T
+        d = product_per_pattern(observed, r * observed.to(r.dtype), self._pattern_gain, self.gain.shape[0])
         return d.reshape(x_shape)
 
 

@@ -162,5 +162,17 @@ class ForwardOperator(nn.Module):
         return {"autograd": _rel_err(ours, reference), "finite_difference": _rel_err(ours, fd)}
 
 
+def product_per_pattern(observed: torch.Tensor, r: torch.Tensor, matrix_of, n: int) -> torch.Tensor:
+    """Each row of r (B, M) times ``matrix_of(pattern)`` (n, M) transposed, where pattern (M,) bool is that row's
+    row of ``observed`` (B, M) (:meth:`ForwardOperator.observed`): one product per distinct pattern in the batch,
+    not per sample. Returns (B, n)."""
+    patterns, which = torch.unique(observed, dim=0, return_inverse=True)
+    out = r.new_empty((r.shape[0], n))
+    for index, pattern in enumerate(patterns):
+        rows = which == index
+        out[rows] = r[rows] @ matrix_of(pattern).T
+    return out
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny))

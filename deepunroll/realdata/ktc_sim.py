@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepunroll.operators.base import ForwardOperator
+from deepunroll.operators.base import ForwardOperator, product_per_pattern
 from deepunroll.operators.eit.cem import CompleteElectrodeModel
 from deepunroll.realdata import ktc2023
 from deepunroll.realdata.difference import noise_variance, smoothness_factor
@@ -231,9 +231,6 @@ class KTCDifferenceX0:
     def __call__(self, operator: KTCDifferenceCEM, y: torch.Tensor) -> torch.Tensor:
         """x0 (B, E) for y (B, 2356): each sample through the gain of its observed rows (one product per pattern)."""
         y64 = y.to(_DTYPE)
-        patterns, which = torch.unique(operator.observed(y64), dim=0, return_inverse=True)
-        change = torch.empty((y.shape[0], operator.n_in), dtype=_DTYPE, device=y.device)
-        for index, pattern in enumerate(patterns):
-            rows = which == index
-            change[rows] = y64[rows] @ self.gain(operator, pattern).T
+        change = product_per_pattern(operator.observed(y64), y64, lambda pattern: self.gain(operator, pattern),
+                                     operator.n_in)
         return (operator.background + change).clamp_min(self.floor * operator.background).to(y.dtype)

@@ -16,7 +16,7 @@ Reconstructions become labels as in the baseline: the change sigma - sigma_bg on
 images) and the organisers' Otsu rule. The linearised x0 alone is scored the same way. Writes
 results/ktc2023_learned_<profile>.{csv,md} and figures/ktc2023_learned_<profile>_<method>.png (seed 0: level rows,
 targets). Per level, the seeds' mean is set against our replication of the organisers' reference method (its
-settings on our mesh, :class:`ktc_reconstruct.KTCReconstructor`). A profile's ``ship`` entry exports one variant's
+settings on our mesh, :func:`ktc2023_levels.score_variant`). A profile's ``ship`` entry exports one variant's
 network (weights and config) for scripts/ktc2023.py: the seed with the lowest simulated validation MSE, so the
 measured files do not pick the seed.
 """
@@ -33,12 +33,11 @@ from deepunroll.metrics import ktc_score
 from deepunroll.pipeline import load_datasets
 from deepunroll.realdata import ktc2023
 from deepunroll.realdata.ktc_learned import SEGMENTATIONS, KTCLearnedReconstructor, on_operator
-from deepunroll.realdata.ktc_reconstruct import KTCReconstructor
 from deepunroll.realdata.pixel_grid import PixelMap
 from deepunroll.record import git_commit
 from deepunroll.studies.common import (load_profile, markdown_table, measured_data_root, paired, run_ablation,
                                        run_one, slug, val_curve)
-from deepunroll.studies.ktc2023_levels import REFERENCE_TOTAL, load_level, load_truths, plot_levels
+from deepunroll.studies.ktc2023_levels import REFERENCE_TOTAL, load_level, load_truths, plot_levels, score_variant
 from deepunroll.tables import write_csv
 from deepunroll.train.checkpoint import export_model
 from deepunroll.validation import ConfigError
@@ -100,11 +99,10 @@ def score_run(run_dir: Path, method: str, seed: int, root: Path, truths: np.ndar
 
 
 def reference_levels(root: Path, truths: np.ndarray) -> dict[int, float]:
-    """{level: KTC score summed over the 4 measured targets} of our replication of the reference method."""
-    reconstructor = KTCReconstructor(ktc2023.load_measurement(root / "training" / "ref.mat"))
-    return {level: float(sum(ktc_score(truth, label) for truth, label in
-                             zip(truths, reconstructor.labels(load_level(root, level), level))))
-            for level in range(1, ktc2023.N_LEVELS + 1)}
+    """{level: KTC score summed over the 4 measured targets} of our replication of the reference method (the
+    default variant of study=ktc2023_levels)."""
+    rows = score_variant(root, "reference settings", {}, truths, "")[0]
+    return {level: sum(r["score"] for r in rows if r["level"] == level) for level in range(1, ktc2023.N_LEVELS + 1)}
 
 
 SHIPPED_SETTINGS = {"operator.data_root": "${oc.env:DEEPUNROLL_KTC_ROOT,../shared/data/ktc2023}", "data.root": "data"}

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
+_ABSENT = object()  # export_model: OmegaConf.select's answer for a key the stored config lacks
 REQUIRED = ("model", "config")  # what every deepunroll checkpoint holds (load_model reads both)
 PLAIN_SCALARS = (str, int, float, bool, type(None))
 PLAIN_TORCH = (torch.Tensor, torch.Size, torch.dtype, torch.device)
@@ -168,18 +170,12 @@ def export_model(source: str | Path, target: str | Path, settings: dict | None =
     {dotted config key: value} replace entries of the stored config (e.g. a machine's absolute data paths);
     ``provenance`` (plain data: the run, its seed, how it was chosen) is stored beside. Returns what was written."""
     state = load(source)
-    config = dict(state["config"])
-    body = config["config"]
+    body = OmegaConf.create(state["config"]["config"])
     for key, value in (settings or {}).items():
-        *parents, leaf = key.split(".")
-        node = body
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise KeyError(f"{source}: the stored config has no {key}")
-            node = node[part]
-        if leaf not in node:
+        if OmegaConf.select(body, key, default=_ABSENT) is _ABSENT:
             raise KeyError(f"{source}: the stored config has no {key}")
-        node[leaf] = value
+        OmegaConf.update(body, key, value)
+    config = {**state["config"], "config": OmegaConf.to_container(body, resolve=False)}
     model = {"model": state["model"], "config": config, "provenance": dict(provenance or {}),
              "epoch": state.get("epoch"), "best_val": state.get("best_val")}
     save_atomic(model, Path(target))
