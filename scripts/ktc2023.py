@@ -44,8 +44,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--linearised", action="store_true",
                         help="the linearised difference baseline with the mesh and linearisation settings above "
                              "(they apply only with this flag) instead of a network")
-    parser.add_argument("--segmentation", default="log_otsu", choices=SEGMENTATIONS,
-                        help="networks only: Otsu on the change (otsu) or on log(sigma / sigma_bg) (log_otsu)")
+    parser.add_argument("--segmentation", default=None, choices=SEGMENTATIONS,
+                        help="networks only: Otsu on the change (otsu) or on log(sigma / sigma_bg) (log_otsu), or "
+                             "the model's trained segmenter (learned); default: learned if the model has one, "
+                             "else log_otsu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser.parse_args(argv)
 

@@ -11,7 +11,9 @@ its conductivity on the 256 x 256 grid (nodal images) by one of :data:`SEGMENTAT
 * ``log_otsu``: the same rule on the log contrast log(sigma / sigma_bg). A network outputs conductivities, whose
   resistive changes are bounded by -sigma_bg while conductive ones are not; on the change image Otsu's classes
   then follow the conductive tail and resistive inclusions are lost (docs/ktc_learned.md). The log contrast is
-  symmetric in the two.
+  symmetric in the two;
+* ``learned``: a segmenter trained on simulation on top of the frozen network (:mod:`ktc_segmenter`), stored in
+  the checkpoint under ``segmenter`` (``scripts/train_segmenter.py``); the default for a checkpoint that has one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from hydra.utils import instantiate
 from deepunroll.operators.eit.grid import GridOperator
 from deepunroll.pipeline import load_trained
 from deepunroll.realdata import ktc2023
+from deepunroll.realdata.ktc_segmenter import KTCSegmentation
+from deepunroll.train import checkpoint as checkpoints
 from deepunroll.realdata.ktc_sim import KTCDifferenceCEM
 from deepunroll.realdata.pixel_grid import PixelMap
 from deepunroll.realdata.segmentation import segment_ktc
@@ -45,7 +49,7 @@ def on_operator(model: torch.nn.Module, operator: KTCDifferenceCEM) -> torch.nn.
     return model
 
 
-SEGMENTATIONS = ("otsu", "log_otsu")
+SEGMENTATIONS = ("otsu", "log_otsu", "learned")
 # the network scripts/ktc2023.py runs by default (weights and config; written by study=ktc2023_learned's ``ship``)
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "ktc2023_default.pt"
 LOG_FLOOR = 1e-3  # log_otsu: conductivities below LOG_FLOOR * sigma_bg count as LOG_FLOOR * sigma_bg
@@ -53,21 +57,35 @@ LOG_FLOOR = 1e-3  # log_otsu: conductivities below LOG_FLOOR * sigma_bg count as
 
 class TankImages:
     """Element conductivities (B, E) S/m on a KTC operator's mesh -> 256 x 256 change images and labels
-    (``segmentation``: one of :data:`SEGMENTATIONS`)."""
+    (``segmentation``: one of :data:`SEGMENTATIONS`; ``learned`` needs ``segmenter``)."""
 
-    def __init__(self, operator: KTCDifferenceCEM, segmentation: str = "otsu") -> None:
+    def __init__(self, operator: KTCDifferenceCEM, segmentation: str = "otsu",
+                 segmenter: KTCSegmentation | None = None) -> None:
         if segmentation not in SEGMENTATIONS:
             raise ValueError(f"segmentation={segmentation!r}: expected one of {', '.join(SEGMENTATIONS)}")
-        self.background, self.segmentation = operator.background, segmentation
+        if segmentation == "learned" and segmenter is None:
+            raise ValueError("segmentation='learned': the model has no trained segmenter (scripts/train_segmenter.py "
+                             "adds one)")
+        self.background, self.segmentation, self.segmenter = operator.background, segmentation, segmenter
         self.pixels = PixelMap(operator.nodes.cpu().numpy(), operator.elements.cpu().numpy())
+
+    def rules(self) -> tuple[str, ...]:
+        """The labelling rules this object can apply (``learned`` only with a segmenter)."""
+        return SEGMENTATIONS if self.segmenter is not None else tuple(r for r in SEGMENTATIONS if r != "learned")
 
     def images(self, sigma: torch.Tensor) -> np.ndarray:
         """(B, 256, 256) conductivity changes sigma - sigma_bg (nodal images, 0 outside the tank)."""
         return self.pixels(sigma.detach().double().cpu().numpy() - self.background)
 
-    def labels(self, sigma: torch.Tensor, segmentation: str | None = None) -> np.ndarray:
-        """(B, 256, 256) uint8 (0 water, 1 resistive, 2 conductive) by ``segmentation`` (default: this object's)."""
+    def labels(self, sigma: torch.Tensor, segmentation: str | None = None,
+               x0: torch.Tensor | None = None) -> np.ndarray:
+        """(B, 256, 256) uint8 (0 water, 1 resistive, 2 conductive) by ``segmentation`` (default: this object's);
+        ``learned`` also reads the linearised x0 (B, E)."""
         rule = segmentation or self.segmentation
+        if rule == "learned":
+            if self.segmenter is None or x0 is None:
+                raise ValueError("segmentation='learned' needs a segmenter and x0")
+            return self.segmenter.labels(sigma, x0)
         if rule == "otsu":
             images = self.images(sigma)
         else:
@@ -78,9 +96,10 @@ class TankImages:
 
 class KTCLearnedReconstructor:
     """Built from a checkpoint trained on ``operator=ktc_cem`` and the empty-tank file ``ref_path`` (its Inj / Mpat
-    are the patterns, its Uel the reference voltages); ``segmentation`` is the labelling rule (default log_otsu)."""
+    are the patterns, its Uel the reference voltages); ``segmentation`` is the labelling rule (default: learned
+    when the checkpoint holds a segmenter, else log_otsu)."""
 
-    def __init__(self, checkpoint: str | Path, ref_path: str | Path, segmentation: str = "log_otsu",
+    def __init__(self, checkpoint: str | Path, ref_path: str | Path, segmentation: str | None = None,
                  device: str | torch.device = "cpu") -> None:
         checkpoint, ref_path = Path(checkpoint), Path(ref_path)
         if not checkpoint.is_file():
@@ -91,7 +110,9 @@ class KTCLearnedReconstructor:
         self.initial_guess = instantiate(self.cfg.x0)
         trained = self.model.operator  # the level it was trained at, built by load_trained with its G
         self._operators: dict[int, KTCDifferenceCEM] = {int(self.cfg.operator.level): trained}
-        self.tank = TankImages(trained, segmentation)
+        entry = checkpoints.load(checkpoint).get("segmenter")
+        segmenter = KTCSegmentation.from_plain(entry, trained) if entry else None
+        self.tank = TankImages(trained, segmentation or ("learned" if segmenter else "log_otsu"), segmenter)
         self.n_elements, self.sigma0 = trained.n_in, trained.background
 
     def operator(self, level: int) -> KTCDifferenceCEM:
@@ -121,4 +142,5 @@ class KTCLearnedReconstructor:
         return self.tank.images(self.reconstruct(data, level)[1])
 
     def labels(self, data: np.ndarray, level: int) -> np.ndarray:
-        return self.tank.labels(self.reconstruct(data, level)[1])
+        x0, sigma = self.reconstruct(data, level)
+        return self.tank.labels(sigma, x0=x0)

@@ -19,6 +19,12 @@ targets). Per level, the seeds' mean is set against our replication of the organ
 settings on our mesh, :func:`ktc2023_levels.score_variant`). A profile's ``ship`` entry exports one variant's
 network (weights and config) for scripts/ktc2023.py: the seed with the lowest simulated validation MSE, so the
 measured files do not pick the seed.
+
+A profile's ``segmenter`` entry {variants, epochs, x0_only} adds the learned segmentation (:mod:`ktc_segmenter`):
+for each listed variant's runs a segmenter is trained on the frozen network's simulated outputs (the run's
+``segmenter/model.pt``), scored as the rule ``learned`` next to the Otsu rules; with ``x0_only`` the same
+segmenter reading only the linearised x0 (no network; ``x0_segmenter/`` of the first listed variant's runs, on
+their data) is a method of its own, so the network's share in the learned labels is measured.
 """
 
 from __future__ import annotations
@@ -33,19 +39,31 @@ from deepunroll.metrics import ktc_score
 from deepunroll.pipeline import load_datasets
 from deepunroll.realdata import ktc2023
 from deepunroll.realdata.ktc_learned import SEGMENTATIONS, KTCLearnedReconstructor, on_operator
+from deepunroll.realdata.ktc_segmenter import add_segmenter
 from deepunroll.realdata.pixel_grid import PixelMap
 from deepunroll.record import git_commit
 from deepunroll.studies.common import (load_profile, markdown_table, measured_data_root, paired, run_ablation,
-                                       run_one, slug, val_curve)
+                                       run_claimed, run_one, slug, val_curve)
 from deepunroll.studies.ktc2023_levels import REFERENCE_TOTAL, load_level, load_truths, plot_levels, score_variant
 from deepunroll.tables import write_csv
 from deepunroll.train.checkpoint import export_model
+from deepunroll.train.checkpoint import load as load_checkpoint
 from deepunroll.validation import ConfigError
 
 COLUMNS = ["method", "seed", "split", "level", "target", "segmentation", "score", "git_commit"]
 # the labelling rule of the table's level columns and the figures: the organisers' Otsu rule for their linearised
-# step, Otsu on the log contrast for the networks' conductivities (both totals are in the table)
-PRIMARY = {"baseline": "otsu", "network": "log_otsu"}
+# step, Otsu on the log contrast for the networks' conductivities, or the learned segmenter where a network has one
+# (every rule's totals are in the table)
+PRIMARY = {"baseline": "otsu", "network": "log_otsu", "segmented": "learned"}
+X0_SEGMENTER = "learned segmentation of x0 (no network)"
+
+
+def primary_rule(rows: list[dict], method: str) -> str:
+    """The rule of a method's level columns and figure: learned if it has learned rows, else :data:`PRIMARY`."""
+    rules = {r["segmentation"] for r in rows if r["method"] == method}
+    if "learned" in rules:
+        return PRIMARY["segmented"]
+    return PRIMARY["baseline"] if method.startswith("linearised x0") else PRIMARY["network"]
 
 
 def sim_truths(operator, classes: torch.Tensor) -> np.ndarray:
@@ -54,12 +72,14 @@ def sim_truths(operator, classes: torch.Tensor) -> np.ndarray:
     return np.rint(pixels(classes.double().cpu().numpy())).astype(np.uint8)
 
 
-def _scored(method: str, seed: int, split: str, level: int, truths, sigma, tank, commit: str) -> list[dict]:
-    """Score rows of conductivities sigma (B, E) against truths (B, 256, 256), one per target and rule."""
+def _scored(method: str, seed: int, split: str, level: int, truths, sigma, tank, commit: str, x0,
+            rules=None) -> list[dict]:
+    """Score rows of conductivities sigma (B, E) (and the x0 (B, E) they came from) against truths (B, 256, 256),
+    one per target and rule (``rules``; default every rule ``tank`` can apply)."""
     return [{"method": method, "seed": seed, "split": split, "level": level, "target": index, "segmentation": rule,
              "score": round(ktc_score(truth, label), 4), "git_commit": commit}
-            for rule in SEGMENTATIONS
-            for index, (truth, label) in enumerate(zip(truths, tank.labels(sigma, rule)), start=1)]
+            for rule in (rules or tank.rules())
+            for index, (truth, label) in enumerate(zip(truths, tank.labels(sigma, rule, x0)), start=1)]
 
 
 def baseline_name(cfg) -> str:
@@ -67,35 +87,55 @@ def baseline_name(cfg) -> str:
     return f"linearised x0 (sigma_bg {cfg.operator.background:g}, z {cfg.operator.contact_impedance:g})"
 
 
-def score_run(run_dir: Path, method: str, seed: int, root: Path, truths: np.ndarray, n_sim: int, commit: str,
-              scored_baselines=()):
-    """(rows of the network, rows of its x0, {name: (images, labels) (7, 4, 256, 256)}) of one trained run; the
-    pictures' labels use each method's primary rule (:data:`PRIMARY`). The x0 is not scored again (its rows are
-    empty) when its name is in ``scored_baselines``: runs on the same data share it."""
-    reconstructor = KTCLearnedReconstructor(run_dir / "checkpoints" / "best.pt", root / "training" / "ref.mat")
+def score_run(model_path: Path, method: str, seed: int, root: Path, truths: np.ndarray, n_sim: int, commit: str,
+              scored_baselines=(), rules=None, x0_only: bool = False):
+    """(rows of the network, rows of its x0, {name: (images, labels) (7, 4, 256, 256)}) of one trained model
+    (a run's best.pt, or one with a segmenter); the pictures' labels use each method's primary rule. The x0 is
+    not scored again (its rows are empty) when its name is in ``scored_baselines``: runs on the same data share
+    it. ``rules``: the network's labelling rules (default: all it can apply); ``x0_only``: the method is the
+    model's segmenter reading x0 alone (its images are x0's)."""
+    reconstructor = KTCLearnedReconstructor(model_path, root / "training" / "ref.mat")
     cfg, model, tank = reconstructor.cfg, reconstructor.model, reconstructor.tank
+    rules = rules or tank.rules()
     baseline = baseline_name(cfg)
-    with_baseline = baseline not in scored_baselines
+    with_baseline = baseline not in scored_baselines and not x0_only
     trained = reconstructor.operator(int(cfg.operator.level))
     on_operator(model, trained)
     test = load_datasets(cfg, trained, splits=("test",))["test"]
     sim = slice(0, min(n_sim, len(test)))
+    x0_sim = test.x0[sim].double()
     with torch.no_grad():
-        sigma = model(test.y[sim].float(), test.x0[sim].float()).double()
+        sigma = x0_sim if x0_only else model(test.y[sim].float(), test.x0[sim].float()).double()
     sim_truth = sim_truths(trained, instantiate(cfg.data.generator).labels(test.x[sim].double()))
-    rows = _scored(method, seed, "sim", 1, sim_truth, sigma, tank, commit)
-    base_rows = _scored(baseline, seed, "sim", 1, sim_truth, test.x0[sim].double(), tank, commit) if with_baseline \
-        else []
+    rows = _scored(method, seed, "sim", 1, sim_truth, sigma, tank, commit, x0_sim, rules)
+    base_rules = [rule for rule in SEGMENTATIONS if rule != "learned"]
+    base_rows = _scored(baseline, seed, "sim", 1, sim_truth, x0_sim, tank, commit, x0_sim, base_rules) \
+        if with_baseline else []
     pictures = {method: ([], []), baseline: ([], [])} if with_baseline else {method: ([], [])}
+    primary = PRIMARY["segmented"] if "learned" in rules else PRIMARY["network"]
     for level in range(1, ktc2023.N_LEVELS + 1):
         x0, sigma = reconstructor.reconstruct(load_level(root, level), level)
-        outputs = [(method, sigma, rows, PRIMARY["network"])]
+        outputs = [(method, x0 if x0_only else sigma, rows, primary, rules)]
         if with_baseline:
-            outputs.append((baseline, x0, base_rows, PRIMARY["baseline"]))
-        for name, values, store, rule in outputs:
-            store += _scored(name, seed, "measured", level, truths, values, tank, commit)
-            pictures[name][0].append(tank.images(values)), pictures[name][1].append(tank.labels(values, rule))
+            outputs.append((baseline, x0, base_rows, PRIMARY["baseline"], base_rules))
+        for name, values, store, rule, name_rules in outputs:
+            store += _scored(name, seed, "measured", level, truths, values, tank, commit, x0, name_rules)
+            pictures[name][0].append(tank.images(values)), pictures[name][1].append(tank.labels(values, rule, x0))
     return rows, base_rows, {name: (np.stack(i), np.stack(l)) for name, (i, l) in pictures.items()}
+
+
+def trained_segmenter(run_dir: Path, name: str, inputs, spec: dict, seed: int, report_only: bool) -> Path | None:
+    """The run's network with a segmenter reading ``inputs``, trained once into run_dir/<name>/ (a claimed unit:
+    workers share them); None while another process trains it, or in report_only mode before it exists."""
+    unit = run_dir / name
+    target = unit / "model.pt"
+
+    def work() -> dict:
+        print(f"{name}: training on the outputs of {run_dir.name} (inputs {', '.join(inputs)})")
+        return add_segmenter(run_dir / "checkpoints" / "best.pt", target, inputs,
+                             epochs=int(spec["segmenter"].get("epochs", 20)), seed=seed)
+
+    return target if run_claimed(unit, work, report_only) is not None else None
 
 
 def reference_levels(root: Path, truths: np.ndarray) -> dict[int, float]:
@@ -109,23 +149,37 @@ SHIPPED_SETTINGS = {"operator.data_root": "${oc.env:DEEPUNROLL_KTC_ROOT,../share
 
 
 def ship(spec: dict, profile: str, runs: dict, curves: dict, rows: list[dict], out_dir: Path) -> Path | None:
-    """Export ``spec['ship']['variant']``'s network with the lowest simulated validation MSE over its seeds to
-    ``spec['ship']['to']`` (under out_dir), with its provenance; None (nothing written) until every seed is done."""
+    """Export ``spec['ship']['variant']``'s model (with its segmenter, if the profile trains one) to
+    ``spec['ship']['to']`` (under out_dir), with its provenance: the seed with the lowest simulated validation
+    loss of the model's last stage (the segmenter's cross-entropy, else the network's MSE). None (nothing
+    written) until every seed is done."""
     variant, target = spec["ship"]["variant"], out_dir / spec["ship"]["to"]
     if variant not in spec["variants"]:
         raise ConfigError(f"ktc2023_learned profile {profile}: ship.variant {variant!r} is not one of its variants")
     done = {seed: runs[variant, seed] for seed in spec["seeds"] if (variant, seed) in runs}
     if len(done) < len(spec["seeds"]):
         return None
-    best_val = {seed: float(min(curves[variant, seed])) for seed in done}
+    segmented = all(path.parent.name == "segmenter" for path in done.values())
+    if segmented:
+        best_val = {seed: float(checkpoint_provenance(path)["segmenter"]["best_val_ce"]) for seed, path in done.items()}
+        chosen_by = "lowest simulated validation cross-entropy of the segmenter over the seeds"
+    else:
+        best_val = {seed: float(min(curves[variant, seed])) for seed in done}
+        chosen_by = "lowest simulated validation MSE over the seeds"
     seed = min(best_val, key=best_val.get)
-    measured = _totals(rows, variant, seed, PRIMARY["network"])
-    export_model(done[seed] / "checkpoints" / "best.pt", target, SHIPPED_SETTINGS, {
-        "study": f"ktc2023_learned profile={profile}", "variant": variant, "seed": seed,
-        "chosen_by": "lowest simulated validation MSE over the seeds", "best_val_by_seed": best_val,
-        "segmentation": PRIMARY["network"], "measured_total": measured["total"],
+    rule = primary_rule(rows, variant)
+    measured = _totals(rows, variant, seed, rule)
+    export_model(done[seed], target, SHIPPED_SETTINGS, {
+        **checkpoint_provenance(done[seed]), "study": f"ktc2023_learned profile={profile}", "variant": variant,
+        "seed": seed, "chosen_by": chosen_by, "best_val_by_seed": best_val, "segmentation": rule,
+        "measured_total": measured["total"],
         "measured_levels": [measured[level] for level in range(1, ktc2023.N_LEVELS + 1)]})
     return target
+
+
+def checkpoint_provenance(path: Path) -> dict:
+    """The provenance stored in a model file ({} for a training checkpoint)."""
+    return dict(load_checkpoint(path).get("provenance") or {})
 
 
 def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Path | None = None,
@@ -138,6 +192,10 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
         if len(pair) != 2 or any(name not in spec["variants"] for name in pair):
             raise ConfigError(f"ktc2023_learned profile {profile}: compare entry {pair} must name two of its variants "
                               f"({', '.join(spec['variants'])})")
+    segmenting = list((spec.get("segmenter") or {}).get("variants", []))
+    unknown = [name for name in segmenting if name not in spec["variants"]]
+    if unknown:
+        raise ConfigError(f"ktc2023_learned profile {profile}: segmenter.variants {unknown} are not among its variants")
     truths = load_truths(root)
     runs_dir = Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce"
     rows, ablations, curves, pictures, baselines, runs = [], {}, {}, {}, {}, {}
@@ -150,13 +208,26 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
             result = run_one(overrides, run_dir, {"study": "ktc2023_learned", "variant": method}, report_only)
             if result is None:
                 continue
-            run_rows, base_rows, run_pictures = score_run(run_dir, method, seed, root, truths, spec["sim_samples"],
+            model_path = run_dir / "checkpoints" / "best.pt"
+            if method in segmenting:
+                model_path = trained_segmenter(run_dir, "segmenter", ("sigma", "x0"), spec, seed, report_only)
+                if model_path is None:
+                    continue
+            run_rows, base_rows, run_pictures = score_run(model_path, method, seed, root, truths, spec["sim_samples"],
                                                           result["git_commit"], baselines)
             rows += run_rows
+            if segmenting and method == segmenting[0] and spec["segmenter"].get("x0_only"):
+                x0_model = trained_segmenter(run_dir, "x0_segmenter", ("x0",), spec, seed, report_only)
+                if x0_model is not None:
+                    x0_rows, _, x0_pictures = score_run(x0_model, X0_SEGMENTER, seed, root, truths, spec["sim_samples"],
+                                                        result["git_commit"], rules=("learned",), x0_only=True)
+                    rows += x0_rows
+                    if seed == spec["seeds"][0]:
+                        pictures.update(x0_pictures)
             if base_rows:  # runs with the same operator calibration share x0: scored once
                 baselines[base_rows[0]["method"]] = base_rows
             ablations[method, seed] = run_ablation(run_dir)
-            runs[method, seed] = run_dir
+            runs[method, seed] = model_path
             curves[method, seed] = val_curve(run_dir)
             if seed == spec["seeds"][0]:
                 pictures.update(run_pictures)
@@ -171,12 +242,14 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
     return rows
 
 
-def _totals(rows: list[dict], method: str, seed: int | None, rule: str) -> dict:
+def _totals(rows: list[dict], method: str, seed: int | None, rule: str) -> dict | None:
     """{level: sum of the 4 measured scores}, plus "total" and "sim" (mean simulated score), for one method, seed
-    (None: the baseline, the same for every seed; its first) and labelling rule."""
+    (None: the baseline, the same for every seed; its first) and labelling rule; None if it has no such rows."""
     if seed is None:
         seed = next(r["seed"] for r in rows if r["method"] == method)
     mine = [r for r in rows if r["method"] == method and r["seed"] == seed and r["segmentation"] == rule]
+    if not mine:
+        return None
     out = {level: sum(r["score"] for r in mine if r["split"] == "measured" and r["level"] == level)
            for level in range(1, ktc2023.N_LEVELS + 1)}
     out["total"] = sum(out.values())
@@ -184,19 +257,20 @@ def _totals(rows: list[dict], method: str, seed: int | None, rule: str) -> dict:
     return out
 
 
-def _table_row(name, seed, rows, rule, extra) -> tuple[list, dict, dict]:
-    primary, other = _totals(rows, name, seed, rule), _totals(rows, name, seed, "otsu" if rule != "otsu" else "log_otsu")
-    by_rule = {rule: primary, ("otsu" if rule != "otsu" else "log_otsu"): other}
-    return ([name, "-" if seed is None else seed, rule, *[f"{primary[level]:.3f}" for level in range(1, 8)],
-             f"{by_rule['otsu']['total']:.3f}", f"{by_rule['log_otsu']['total']:.3f}",
-             f"{by_rule['otsu']['sim']:.3f}", f"{by_rule['log_otsu']['sim']:.3f}", *extra], by_rule["otsu"],
-            by_rule["log_otsu"])
+def _table_row(name, seed, rows, extra) -> tuple[list, dict]:
+    """(table row, {rule: totals} of the rules the method has) of one method and seed."""
+    rule = primary_rule(rows, name)
+    by_rule = {r: t for r in SEGMENTATIONS if (t := _totals(rows, name, seed, r)) is not None}
+    cell = {r: (f"{by_rule[r]['total']:.3f}", f"{by_rule[r]['sim']:.3f}") if r in by_rule else ("-", "-")
+            for r in SEGMENTATIONS}
+    return ([name, "-" if seed is None else seed, rule, *[f"{by_rule[rule][level]:.3f}" for level in range(1, 8)],
+             *[cell[r][0] for r in SEGMENTATIONS], *[cell[r][1] for r in SEGMENTATIONS], *extra], by_rule)
 
 
 def _own_level_lines(spec: dict, rows: list[dict], reference: dict[int, float]) -> list[str]:
     """Summary lines of the profile's ``own_level`` sets {name: [variant trained at level 1, ..., at level 7]}: level
     L's score taken from the network trained at L, per seed where all seven are done."""
-    lines, rule = [], PRIMARY["network"]
+    lines = []
     for name, variants in (spec.get("own_level") or {}).items():
         if len(variants) != ktc2023.N_LEVELS or any(v not in spec["variants"] for v in variants):
             raise ConfigError(f"ktc2023_learned own_level {name!r}: expected one variant of the profile per level 1-7")
@@ -204,6 +278,7 @@ def _own_level_lines(spec: dict, rows: list[dict], reference: dict[int, float]) 
                  if all(any(r["method"] == v and r["seed"] == seed for r in rows) for v in variants)]
         if not seeds:
             continue
+        rule = primary_rule(rows, variants[0])
         per_seed = [{level: _totals(rows, variants[level - 1], seed, rule)[level] for level in range(1, 8)}
                     for seed in seeds]
         totals = [sum(levels.values()) for levels in per_seed]
@@ -222,45 +297,49 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
     stem = f"ktc2023_learned_{profile}"
     write_csv(rows, results / f"{stem}.csv", COLUMNS)
     header = ["method", "seed", "rule of L1-L7", *[f"L{level}" for level in range(1, ktc2023.N_LEVELS + 1)],
-              "total otsu", "total log_otsu", "sim otsu", "sim log_otsu", "MSE ratio, no data term",
-              "MSE ratio, another y", "epochs"]
-    body = [_table_row(name, None, rows, PRIMARY["baseline"], ["-", "-", "-"])[0] for name in baselines]
+              *[f"total {rule}" for rule in SEGMENTATIONS], *[f"sim {rule}" for rule in SEGMENTATIONS],
+              "MSE ratio, no data term", "MSE ratio, another y", "epochs"]
+    body = [_table_row(name, None, rows, ["-", "-", "-"])[0] for name in baselines]
     seeds_of = {}
-    for (method, seed), ablation in ablations.items():
-        row, otsu, log_otsu = _table_row(method, seed, rows, PRIMARY["network"],
-                                         [f"{ablation['no_data_term_ratio']:.3f}", f"{ablation['other_y_ratio']:.3f}",
-                                          len(curves[method, seed])])
+    x0_segmented = {(X0_SEGMENTER, r["seed"]): None for r in rows if r["method"] == X0_SEGMENTER}
+    for (method, seed), ablation in {**ablations, **x0_segmented}.items():
+        extra = ["-", "-", "-"] if ablation is None else [
+            f"{ablation['no_data_term_ratio']:.3f}", f"{ablation['other_y_ratio']:.3f}", len(curves[method, seed])]
+        row, by_rule = _table_row(method, seed, rows, extra)
         body.append(row)
-        seeds_of.setdefault(method, []).append({"otsu": otsu, "log_otsu": log_otsu})
+        seeds_of.setdefault(method, []).append(by_rule)
     lines = [f"# KTC2023: learned reconstructions trained on simulation (`study=ktc2023_learned profile={profile}`)", "",
              f"Experiment `{spec['experiment']}` with overrides `{' '.join(spec['base']) or '(none)'}`; trained on "
              "simulated data only (level 1's electrodes unless the variant sets operator.level, or each sample's own "
              "level with data.levels), run on each measured "
              "level with that level's operator and linearised x0. "
              "Measured: KTC score summed over the 4 targets per level (max 4) and over the 7 levels (max 28), with "
-             "the organisers' Otsu rule on the change image (otsu) and on the log contrast log(sigma / sigma_bg) "
-             "(log_otsu; deepunroll.realdata.ktc_learned). Sim: mean KTC score on the first "
-             f"{spec['sim_samples']} simulated test targets (of the training level). The organisers' reference method "
-             f"scores {REFERENCE_TOTAL} of 28 on the same measured files. The ratios are the simulated test MSE of the "
-             "trained network with the data-fit directions zeroed and with another sample's y, over its own.", "",
+             "the organisers' Otsu rule on the change image (otsu), on the log contrast log(sigma / sigma_bg) "
+             "(log_otsu; deepunroll.realdata.ktc_learned), and, where the profile trains one, the learned segmenter "
+             "on the frozen network's output and x0 (learned; deepunroll.realdata.ktc_segmenter). Sim: mean KTC "
+             f"score on the first {spec['sim_samples']} simulated test targets (of the training level). The "
+             f"organisers' reference method scores {REFERENCE_TOTAL} of 28 on the same measured files. The ratios are "
+             "the simulated test MSE of the trained network with the data-fit directions zeroed and with another "
+             "sample's y, over its own.", "",
              markdown_table(header, body), ""]
     for method, totals in seeds_of.items():
-        for rule in SEGMENTATIONS:
+        for rule in [r for r in SEGMENTATIONS if r in totals[0]]:
             values, sims = [t[rule]["total"] for t in totals], [t[rule]["sim"] for t in totals]
             lines.append(f"- {method}, {rule}: measured total {np.mean(values):.3f} +- {np.std(values):.3f}, sim "
                          f"score {np.mean(sims):.3f} over {len(values)} seed(s)")
     lines.append(f"- our replication of the reference method (its settings on our mesh), per level L1-L7: "
                  f"{' / '.join(f'{reference[level]:.3f}' for level in range(1, 8))}, total {sum(reference.values()):.3f}")
     for method, totals in seeds_of.items():
-        means = {level: float(np.mean([t[PRIMARY['network']][level] for t in totals])) for level in range(1, 8)}
+        rule = primary_rule(rows, method)
+        means = {level: float(np.mean([t[rule][level] for t in totals])) for level in range(1, 8)}
         above = [level for level in range(1, 8) if means[level] > reference[level]]
-        lines.append(f"- {method}, {PRIMARY['network']}, seed mean minus that replication per level: "
+        lines.append(f"- {method}, {rule}, seed mean minus that replication per level: "
                      f"{' / '.join(f'{means[level] - reference[level]:+.3f}' for level in range(1, 8))}; above it on "
                      f"{len(above)} of 7 levels")
     lines += _own_level_lines(spec, rows, reference)
     for first, second in spec.get("compare", []):
         if first in seeds_of and second in seeds_of and len(seeds_of[first]) == len(seeds_of[second]):
-            for rule in SEGMENTATIONS:
+            for rule in [r for r in SEGMENTATIONS if r in seeds_of[first][0] and r in seeds_of[second][0]]:
                 gains = [a[rule]["total"] - b[rule]["total"] for a, b in zip(seeds_of[first], seeds_of[second])]
                 summary = paired(gains)
                 lines.append(f"- {first} vs {second}, {rule}: measured total {summary['mean']:+.3f} +- "
@@ -271,7 +350,7 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
     (results / f"{stem}.md").write_text("\n".join(lines) + "\n")
     for name, (images, labels) in pictures.items():
         is_base = name in baselines
-        rule = PRIMARY["baseline" if is_base else "network"]
+        rule = primary_rule(rows, name)
         total = _totals(rows, name, None if is_base else spec["seeds"][0], rule)["total"]
         plot_levels(images, labels, truths, figures / f"{stem}_{slug(name)}.png",
                     f"KTC2023 training levels, {name} ({rule}): {total:.2f} of 28")

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 _ABSENT = object()  # export_model: OmegaConf.select's answer for a key the stored config lacks
 REQUIRED = ("model", "config")  # what every deepunroll checkpoint holds (load_model reads both)
+EXPORT_EXTRAS = ("segmenter",)  # entries an exported model carries over from its source (ktc_segmenter)
 PLAIN_SCALARS = (str, int, float, bool, type(None))
 PLAIN_TORCH = (torch.Tensor, torch.Size, torch.dtype, torch.device)
 
@@ -164,11 +165,13 @@ def upgrade(path: str | Path) -> bool:
 
 
 def export_model(source: str | Path, target: str | Path, settings: dict | None = None,
-                 provenance: dict | None = None) -> dict:
+                 provenance: dict | None = None, extra: dict | None = None) -> dict:
     """Write the weights and config of checkpoint ``source`` to ``target`` without the optimiser, scheduler,
     history and RNG states (a model to ship: about a third of a training checkpoint). ``settings``
     {dotted config key: value} replace entries of the stored config (e.g. a machine's absolute data paths);
-    ``provenance`` (plain data: the run, its seed, how it was chosen) is stored beside. Returns what was written."""
+    ``provenance`` (plain data: the run, its seed, how it was chosen) is stored beside; ``extra`` {name: plain
+    data} adds entries (e.g. a trained segmenter), and keeps one that ``source`` holds unless it names it.
+    Returns what was written."""
     state = load(source)
     body = OmegaConf.create(state["config"]["config"])
     for key, value in (settings or {}).items():
@@ -178,6 +181,11 @@ def export_model(source: str | Path, target: str | Path, settings: dict | None =
     config = {**state["config"], "config": OmegaConf.to_container(body, resolve=False)}
     model = {"model": state["model"], "config": config, "provenance": dict(provenance or {}),
              "epoch": state.get("epoch"), "best_val": state.get("best_val")}
+    clash = sorted(set(extra or {}) & set(model))
+    if clash:
+        raise KeyError(f"export_model: extra entries {clash} would replace the model's own")
+    kept = {name: state[name] for name in EXPORT_EXTRAS if name in state}
+    model.update({**kept, **(extra or {})})
     save_atomic(model, Path(target))
     return model
 
