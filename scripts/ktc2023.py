@@ -5,8 +5,8 @@
 INPUT_DIR holds ref.mat (the empty tank: Injref, Mpat, Uelref) and data1.mat, data2.mat, ...; LEVEL (1..7)
 is the difficulty level (electrodes 1 .. 2(LEVEL - 1) removed). Writes OUTPUT_DIR/N.mat with
 ``reconstruction``: a 256 x 256 uint8 image, 0 water, 1 resistive, 2 conductive (the challenge's format).
-Default: the shipped network (deepunroll/realdata/models/ktc2023_default.pt, trained on simulation only;
-docs/ktc_learned.md says which and how it was chosen). ``--linearised``: the reference method's
+Default: the shipped network and its learned segmenter (deepunroll/realdata/models/ktc2023_default.pt, both
+trained on simulation only; docs/ktc_learned.md says which and how it was chosen). ``--linearised``: the reference method's
 linearised difference step with its settings (docs/real_tanks.md) on our own tank mesh.
 """
 

@@ -29,26 +29,34 @@ def tiny_study(tmp_path_factory):
     return out, rows
 
 def test_tiny_study_scores_every_level_and_writes_table_and_figures(tiny_study):
-    """28 measured scores and 4 simulated ones per method and labelling rule; the linearised x0 on this mesh totals
-    14.296 of 28 with the organisers' Otsu rule (measured; deterministic, it does not depend on training)."""
+    """28 measured scores and 4 simulated ones per method and labelling rule (the Otsu rules for every network and
+    x0, the learned rule where the profile trains a segmenter, only it for the x0-only segmenter); the linearised
+    x0 on this mesh totals 14.296 of 28 with the organisers' Otsu rule (measured; deterministic)."""
     out, rows = tiny_study
     methods = {r["method"] for r in rows}
     baseline_name = "linearised x0 (sigma_bg 0.727, z 0.00012)"
-    assert methods == {baseline_name, "unrolled LPGD-RMA", "post-processing"}
+    x0_only = ktc2023_learned.X0_SEGMENTER
+    assert methods == {baseline_name, "unrolled LPGD-RMA", "post-processing", x0_only}
+    rules = {baseline_name: {"otsu", "log_otsu"}, "unrolled LPGD-RMA": {"otsu", "log_otsu"},
+             "post-processing": {"otsu", "log_otsu", "learned"}, x0_only: {"learned"}}
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
-        for rule in ("otsu", "log_otsu"):
+        assert {r["segmentation"] for r in mine} == rules[method]
+        for rule in rules[method]:
             ruled = [r for r in mine if r["segmentation"] == rule]
             assert sum(r["split"] == "measured" for r in ruled) == 28 and sum(r["split"] == "sim" for r in ruled) == 4
-        assert all(0.0 <= r["score"] <= 1.0 for r in mine)
+        assert all(-1.0 <= r["score"] <= 1.0 for r in mine)
     baseline = sum(r["score"] for r in rows if r["method"] == baseline_name and r["split"] == "measured"
                    and r["segmentation"] == "otsu")
     assert baseline == pytest.approx(14.296, abs=2e-3)
     table = (out / "results" / "ktc2023_learned_tiny.md").read_text()
     assert f"{baseline:.3f}" in table and "post-processing" in table
-    for name in ("linearised_x0_sigma_bg_0.727_z_0.00012", "unrolled_lpgd-rma", "post-processing", "curves"):
+    for name in ("linearised_x0_sigma_bg_0.727_z_0.00012", "unrolled_lpgd-rma", "post-processing", "curves",
+                 "learned_segmentation_of_x0_no_network"):
         assert (out / "figures" / f"ktc2023_learned_tiny_{name}.png").stat().st_size > 10_000
     assert "unrolled LPGD-RMA vs post-processing, log_otsu: measured total" in table
+    assert "unrolled LPGD-RMA vs post-processing, learned" not in table  # the unrolled one has no segmenter here
+    assert "| total otsu | total log_otsu | total learned |" in table and "- post-processing, learned: measured" in table
 
 def test_unrolled_network_reads_the_measured_data_and_post_processing_does_not(tiny_study):
     """On measured level-3 data: zeroing the data term changes the unrolled network's output, and leaves the
@@ -88,27 +96,33 @@ def test_challenge_script_runs_a_trained_model(tiny_study, tmp_path):
     assert failed.returncode == 1 and failed.stderr.strip().splitlines() == [
         f"error: model checkpoint {tmp_path / 'none.pt'} does not exist"]
 
-def test_ship_exports_the_variants_network_with_its_provenance(tiny_study):
-    """The tiny profile's ship entry: weights and config only (a third of the training checkpoint's bytes, which
-    carries Adam's two moments), with the machine's data path replaced by the config default; the same labels as
-    the run's own checkpoint; the provenance's measured total is the table's (log_otsu) for that seed."""
+def test_ship_exports_the_variants_network_and_segmenter_with_provenance(tiny_study):
+    """The tiny profile's ship entry: weights, config and segmenter only (no optimiser state: the size of the run's
+    segmented model), with the machine's data path replaced by the config default; the
+    same labels as the run's segmented model; the provenance's measured total is the table's (learned) for that
+    seed, and the seed was chosen by the segmenter's simulated validation loss."""
     from deepunroll.train.checkpoint import load
 
     out, rows = tiny_study
     shipped = out / "runs" / "ktc2023_learned_tiny_model.pt"
-    best = out / "runs" / "ktc2023_learned_tiny" / "post-processing_seed=0" / "checkpoints" / "best.pt"
+    run = out / "runs" / "ktc2023_learned_tiny" / "post-processing_seed=0"
     state = load(shipped)
-    assert set(state) == {"model", "config", "provenance", "epoch", "best_val"}
-    assert shipped.stat().st_size < 0.4 * best.stat().st_size
+    assert set(state) == {"model", "config", "provenance", "epoch", "best_val", "segmenter"}
+    assert abs(shipped.stat().st_size / (run / "segmenter" / "model.pt").stat().st_size - 1) < 0.01
     assert state["config"]["config"]["operator"]["data_root"] == "${oc.env:DEEPUNROLL_KTC_ROOT,../shared/data/ktc2023}"
     provenance = state["provenance"]
     assert provenance["variant"] == "post-processing" and provenance["seed"] == 0
+    assert provenance["segmentation"] == "learned" and "cross-entropy of the segmenter" in provenance["chosen_by"]
+    assert provenance["segmenter"]["epochs"] == 1 and provenance["segmenter"]["trained_on"].endswith("8 val")
     measured = sum(r["score"] for r in rows if r["method"] == "post-processing" and r["split"] == "measured"
-                   and r["segmentation"] == "log_otsu")
+                   and r["segmentation"] == "learned")
     assert provenance["measured_total"] == pytest.approx(measured, abs=1e-12)
     data = load_level(ROOT, 4)
-    np.testing.assert_array_equal(KTCLearnedReconstructor(shipped, ROOT / "training" / "ref.mat").labels(data, 4),
-                                  KTCLearnedReconstructor(best, ROOT / "training" / "ref.mat").labels(data, 4))
+    labels = KTCLearnedReconstructor(shipped, ROOT / "training" / "ref.mat").labels(data, 4)
+    np.testing.assert_array_equal(labels, KTCLearnedReconstructor(run / "segmenter" / "model.pt",
+                                                                  ROOT / "training" / "ref.mat").labels(data, 4))
+    plain = KTCLearnedReconstructor(shipped, ROOT / "training" / "ref.mat", "log_otsu")
+    assert plain.tank.segmentation == "log_otsu" and not np.array_equal(plain.labels(data, 4), labels)
     assert "our replication of the reference method (its settings on our mesh), per level L1-L7: 2.974 / 2.896 / " \
         "2.924 / 2.682 / 2.468 / 2.420 / 1.772" in (out / "results" / "ktc2023_learned_tiny.md").read_text()
 
@@ -123,9 +137,12 @@ def test_learned_reconstructor_checks_level_and_rule_and_log_otsu_is_scale_free(
     out, _ = tiny_study
     best = out / "runs" / "ktc2023_learned_tiny" / "post-processing_seed=0" / "checkpoints" / "best.pt"
     reconstructor = KTCLearnedReconstructor(best, ROOT / "training" / "ref.mat")
+    assert reconstructor.tank.segmentation == "log_otsu"  # the default without a segmenter
+    with pytest.raises(ValueError, match="segmentation='learned': the model has no trained segmenter"):
+        KTCLearnedReconstructor(best, ROOT / "training" / "ref.mat", "learned")
     with pytest.raises(ValueError, match="level"):
         reconstructor.reconstruct(np.zeros((1, 2356)), ktc2023.N_LEVELS + 1)
-    with pytest.raises(ValueError, match=r"segmentation='kmeans': expected one of otsu, log_otsu"):
+    with pytest.raises(ValueError, match=r"segmentation='kmeans': expected one of otsu, log_otsu, learned"):
         KTCLearnedReconstructor(best, ROOT / "training" / "ref.mat", "kmeans")
     operator = reconstructor.operator(1)
     tank = TankImages(operator, "log_otsu")
@@ -161,3 +178,25 @@ def test_challenge_script_runs_the_shipped_network_by_default(tmp_path):
     total = sum(ktc_score(truth, label) for truth, label in zip(load_truths(ROOT), labels))
     assert total == pytest.approx(provenance["measured_levels"][6], abs=2e-4)  # the study rounds scores to 1e-4
     assert total == pytest.approx(2.2889, abs=1e-4)
+
+
+def test_train_segmenter_script_adds_a_segmenter_the_challenge_script_uses(tiny_study, tmp_path):
+    """scripts/train_segmenter.py on a run's best.pt writes the network with a segmenter (reading x0 only here);
+    scripts/ktc2023.py --model then labels with it by default. A missing checkpoint is one error line."""
+    out, _ = tiny_study
+    best = out / "runs" / "ktc2023_learned_tiny" / "unrolled_lpgd-rma_seed=0" / "checkpoints" / "best.pt"
+    script = [sys.executable, str(REPO / "scripts" / "train_segmenter.py")]
+    done = subprocess.run(script + [str(best), str(tmp_path / "seg.pt"), "--epochs", "1", "--inputs", "x0",
+                                    "--grid", "32", "--channels", "8", "--threads", "1"],
+                          capture_output=True, text=True, check=True)
+    assert "with a segmenter (best validation cross-entropy" in done.stdout
+    reconstructor = KTCLearnedReconstructor(tmp_path / "seg.pt", ROOT / "training" / "ref.mat")
+    assert reconstructor.tank.segmentation == "learned"
+    assert reconstructor.tank.segmenter.features.inputs == ("x0",)
+    data = load_level(ROOT, 2)
+    x0, sigma = reconstructor.reconstruct(data, 2)
+    np.testing.assert_array_equal(reconstructor.labels(data, 2), reconstructor.tank.labels(-sigma, "learned", x0))
+    failed = subprocess.run(script + [str(tmp_path / "none.pt"), str(tmp_path / "x.pt")], capture_output=True,
+                            text=True)
+    assert failed.returncode == 1 and failed.stderr.strip().splitlines() == [
+        f"error: model checkpoint {tmp_path / 'none.pt'} does not exist"]

@@ -16,9 +16,9 @@ Reconstructions become labels as in the baseline: the change sigma - sigma_bg on
 images) and the organisers' Otsu rule. The linearised x0 alone is scored the same way. Writes
 results/ktc2023_learned_<profile>.{csv,md} and figures/ktc2023_learned_<profile>_<method>.png (seed 0: level rows,
 targets). Per level, the seeds' mean is set against our replication of the organisers' reference method (its
-settings on our mesh, :func:`ktc2023_levels.score_variant`). A profile's ``ship`` entry exports one variant's
-network (weights and config) for scripts/ktc2023.py: the seed with the lowest simulated validation MSE, so the
-measured files do not pick the seed.
+settings on our mesh, :func:`ktc2023_levels.score_variant`). A profile's ``ship`` entry exports one model (weights,
+config, segmenter) for scripts/ktc2023.py: of its candidates x seeds, the one with the lowest simulated
+validation loss, so the measured files do not pick it.
 
 A profile's ``segmenter`` entry {variants, epochs, x0_only} adds the learned segmentation (:mod:`ktc_segmenter`):
 for each listed variant's runs a segmenter is trained on the frozen network's simulated outputs (the run's
@@ -149,30 +149,34 @@ SHIPPED_SETTINGS = {"operator.data_root": "${oc.env:DEEPUNROLL_KTC_ROOT,../share
 
 
 def ship(spec: dict, profile: str, runs: dict, curves: dict, rows: list[dict], out_dir: Path) -> Path | None:
-    """Export ``spec['ship']['variant']``'s model (with its segmenter, if the profile trains one) to
-    ``spec['ship']['to']`` (under out_dir), with its provenance: the seed with the lowest simulated validation
-    loss of the model's last stage (the segmenter's cross-entropy, else the network's MSE). None (nothing
-    written) until every seed is done."""
-    variant, target = spec["ship"]["variant"], out_dir / spec["ship"]["to"]
-    if variant not in spec["variants"]:
-        raise ConfigError(f"ktc2023_learned profile {profile}: ship.variant {variant!r} is not one of its variants")
-    done = {seed: runs[variant, seed] for seed in spec["seeds"] if (variant, seed) in runs}
-    if len(done) < len(spec["seeds"]):
+    """Export one of ``spec['ship']['candidates']`` (variants, or :data:`X0_SEGMENTER`) x seeds to
+    ``spec['ship']['to']`` (under out_dir), with its provenance: the one with the lowest simulated validation loss
+    of its last stage (the segmenter's cross-entropy when every candidate has a segmenter, else the network's
+    MSE); all candidates share the simulated data. None (nothing written) until every candidate is done."""
+    candidates, target = list(spec["ship"]["candidates"]), out_dir / spec["ship"]["to"]
+    known = [*spec["variants"], *([X0_SEGMENTER] if (spec.get("segmenter") or {}).get("x0_only") else [])]
+    if not candidates or any(name not in known for name in candidates):
+        raise ConfigError(f"ktc2023_learned profile {profile}: ship.candidates {candidates} must be among "
+                          f"{', '.join(known)}")
+    done = {(name, seed): runs[name, seed] for name in candidates for seed in spec["seeds"] if (name, seed) in runs}
+    if len(done) < len(candidates) * len(spec["seeds"]):
         return None
-    segmented = all(path.parent.name == "segmenter" for path in done.values())
-    if segmented:
-        best_val = {seed: float(checkpoint_provenance(path)["segmenter"]["best_val_ce"]) for seed, path in done.items()}
-        chosen_by = "lowest simulated validation cross-entropy of the segmenter over the seeds"
+    if all(path.parent.name.endswith("segmenter") for path in done.values()):
+        best_val = {key: float(checkpoint_provenance(path)["segmenter"]["best_val_ce"]) for key, path in done.items()}
+        chosen_by = "lowest simulated validation cross-entropy of the segmenter over candidates and seeds"
+    elif not any(path.parent.name.endswith("segmenter") for path in done.values()):
+        best_val = {key: float(min(curves[key])) for key in done}
+        chosen_by = "lowest simulated validation MSE over candidates and seeds"
     else:
-        best_val = {seed: float(min(curves[variant, seed])) for seed in done}
-        chosen_by = "lowest simulated validation MSE over the seeds"
-    seed = min(best_val, key=best_val.get)
-    rule = primary_rule(rows, variant)
-    measured = _totals(rows, variant, seed, rule)
-    export_model(done[seed], target, SHIPPED_SETTINGS, {
-        **checkpoint_provenance(done[seed]), "study": f"ktc2023_learned profile={profile}", "variant": variant,
-        "seed": seed, "chosen_by": chosen_by, "best_val_by_seed": best_val, "segmentation": rule,
-        "measured_total": measured["total"],
+        raise ConfigError(f"ktc2023_learned profile {profile}: ship.candidates mix networks with and without a "
+                          "segmenter; their validation losses do not compare")
+    name, seed = min(best_val, key=best_val.get)
+    rule = primary_rule(rows, name)
+    measured = _totals(rows, name, seed, rule)
+    export_model(done[name, seed], target, SHIPPED_SETTINGS, {
+        **checkpoint_provenance(done[name, seed]), "study": f"ktc2023_learned profile={profile}", "variant": name,
+        "seed": seed, "chosen_by": chosen_by, "best_val": {f"{n}, seed {s}": v for (n, s), v in best_val.items()},
+        "segmentation": rule, "measured_total": measured["total"],
         "measured_levels": [measured[level] for level in range(1, ktc2023.N_LEVELS + 1)]})
     return target
 
@@ -222,6 +226,7 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
                     x0_rows, _, x0_pictures = score_run(x0_model, X0_SEGMENTER, seed, root, truths, spec["sim_samples"],
                                                         result["git_commit"], rules=("learned",), x0_only=True)
                     rows += x0_rows
+                    runs[X0_SEGMENTER, seed] = x0_model
                     if seed == spec["seeds"][0]:
                         pictures.update(x0_pictures)
             if base_rows:  # runs with the same operator calibration share x0: scored once
