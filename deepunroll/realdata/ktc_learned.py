@@ -28,10 +28,10 @@ from deepunroll.operators.eit.grid import GridOperator
 from deepunroll.pipeline import load_trained
 from deepunroll.realdata import ktc2023
 from deepunroll.realdata.ktc_segmenter import KTCSegmentation
-from deepunroll.train import checkpoint as checkpoints
 from deepunroll.realdata.ktc_sim import KTCDifferenceCEM
 from deepunroll.realdata.pixel_grid import PixelMap
 from deepunroll.realdata.segmentation import segment_ktc
+from deepunroll.train import checkpoint as checkpoints
 
 
 def on_operator(model: torch.nn.Module, operator: KTCDifferenceCEM) -> torch.nn.Module:
