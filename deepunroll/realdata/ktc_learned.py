@@ -49,7 +49,8 @@ def on_operator(model: torch.nn.Module, operator: KTCDifferenceCEM) -> torch.nn.
     return model
 
 
-SEGMENTATIONS = ("otsu", "log_otsu", "learned")
+OTSU_RULES = ("otsu", "log_otsu")  # the rules every conductivity image can get (no trained segmenter needed)
+SEGMENTATIONS = (*OTSU_RULES, "learned")
 # the network scripts/ktc2023.py runs by default (weights and config; written by study=ktc2023_learned's ``ship``)
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "ktc2023_default.pt"
 LOG_FLOOR = 1e-3  # log_otsu: conductivities below LOG_FLOOR * sigma_bg count as LOG_FLOOR * sigma_bg
@@ -71,7 +72,7 @@ class TankImages:
 
     def rules(self) -> tuple[str, ...]:
         """The labelling rules this object can apply (``learned`` only with a segmenter)."""
-        return SEGMENTATIONS if self.segmenter is not None else tuple(r for r in SEGMENTATIONS if r != "learned")
+        return SEGMENTATIONS if self.segmenter is not None else OTSU_RULES
 
     def images(self, sigma: torch.Tensor) -> np.ndarray:
         """(B, 256, 256) conductivity changes sigma - sigma_bg (nodal images, 0 outside the tank)."""

@@ -38,7 +38,7 @@ from hydra.utils import instantiate
 from deepunroll.metrics import ktc_score
 from deepunroll.pipeline import load_datasets
 from deepunroll.realdata import ktc2023
-from deepunroll.realdata.ktc_learned import SEGMENTATIONS, KTCLearnedReconstructor, on_operator
+from deepunroll.realdata.ktc_learned import OTSU_RULES, SEGMENTATIONS, KTCLearnedReconstructor, on_operator
 from deepunroll.realdata.ktc_segmenter import add_segmenter
 from deepunroll.realdata.pixel_grid import PixelMap
 from deepunroll.record import git_commit
@@ -58,12 +58,15 @@ PRIMARY = {"baseline": "otsu", "network": "log_otsu", "segmented": "learned"}
 X0_SEGMENTER = "learned segmentation of x0 (no network)"
 
 
-def primary_rule(rows: list[dict], method: str) -> str:
-    """The rule of a method's level columns and figure: learned if it has learned rows, else :data:`PRIMARY`."""
-    rules = {r["segmentation"] for r in rows if r["method"] == method}
-    if "learned" in rules:
-        return PRIMARY["segmented"]
-    return PRIMARY["baseline"] if method.startswith("linearised x0") else PRIMARY["network"]
+def primary_rule(rules, baseline: bool = False) -> str:
+    """The rule of a method's level columns and figure, given the rules it was scored with: learned where it has
+    it, else :data:`PRIMARY` (otsu for the linearised x0, log_otsu for a network)."""
+    return PRIMARY["segmented"] if "learned" in rules else PRIMARY["baseline" if baseline else "network"]
+
+
+def rules_of(rows: list[dict], method: str) -> set[str]:
+    """The labelling rules a method's rows were scored with."""
+    return {r["segmentation"] for r in rows if r["method"] == method}
 
 
 def sim_truths(operator, classes: torch.Tensor) -> np.ndarray:
@@ -108,16 +111,14 @@ def score_run(model_path: Path, method: str, seed: int, root: Path, truths: np.n
         sigma = x0_sim if x0_only else model(test.y[sim].float(), test.x0[sim].float()).double()
     sim_truth = sim_truths(trained, instantiate(cfg.data.generator).labels(test.x[sim].double()))
     rows = _scored(method, seed, "sim", 1, sim_truth, sigma, tank, commit, x0_sim, rules)
-    base_rules = [rule for rule in SEGMENTATIONS if rule != "learned"]
-    base_rows = _scored(baseline, seed, "sim", 1, sim_truth, x0_sim, tank, commit, x0_sim, base_rules) \
+    base_rows = _scored(baseline, seed, "sim", 1, sim_truth, x0_sim, tank, commit, x0_sim, OTSU_RULES) \
         if with_baseline else []
     pictures = {method: ([], []), baseline: ([], [])} if with_baseline else {method: ([], [])}
-    primary = PRIMARY["segmented"] if "learned" in rules else PRIMARY["network"]
     for level in range(1, ktc2023.N_LEVELS + 1):
         x0, sigma = reconstructor.reconstruct(load_level(root, level), level)
-        outputs = [(method, x0 if x0_only else sigma, rows, primary, rules)]
+        outputs = [(method, x0 if x0_only else sigma, rows, primary_rule(rules), rules)]
         if with_baseline:
-            outputs.append((baseline, x0, base_rows, PRIMARY["baseline"], base_rules))
+            outputs.append((baseline, x0, base_rows, primary_rule(OTSU_RULES, baseline=True), OTSU_RULES))
         for name, values, store, rule, name_rules in outputs:
             store += _scored(name, seed, "measured", level, truths, values, tank, commit, x0, name_rules)
             pictures[name][0].append(tank.images(values)), pictures[name][1].append(tank.labels(values, rule, x0))
@@ -171,7 +172,7 @@ def ship(spec: dict, profile: str, runs: dict, curves: dict, rows: list[dict], o
         raise ConfigError(f"ktc2023_learned profile {profile}: ship.candidates mix networks with and without a "
                           "segmenter; their validation losses do not compare")
     name, seed = min(best_val, key=best_val.get)
-    rule = primary_rule(rows, name)
+    rule = primary_rule(rules_of(rows, name))
     measured = _totals(rows, name, seed, rule)
     export_model(done[name, seed], target, SHIPPED_SETTINGS, {
         **checkpoint_provenance(done[name, seed]), "study": f"ktc2023_learned profile={profile}", "variant": name,
@@ -262,9 +263,9 @@ def _totals(rows: list[dict], method: str, seed: int | None, rule: str) -> dict 
     return out
 
 
-def _table_row(name, seed, rows, extra) -> tuple[list, dict]:
+def _table_row(name, seed, rows, extra, baseline: bool = False) -> tuple[list, dict]:
     """(table row, {rule: totals} of the rules the method has) of one method and seed."""
-    rule = primary_rule(rows, name)
+    rule = primary_rule(rules_of(rows, name), baseline)
     by_rule = {r: t for r in SEGMENTATIONS if (t := _totals(rows, name, seed, r)) is not None}
     cell = {r: (f"{by_rule[r]['total']:.3f}", f"{by_rule[r]['sim']:.3f}") if r in by_rule else ("-", "-")
             for r in SEGMENTATIONS}
@@ -283,7 +284,7 @@ def _own_level_lines(spec: dict, rows: list[dict], reference: dict[int, float]) 
                  if all(any(r["method"] == v and r["seed"] == seed for r in rows) for v in variants)]
         if not seeds:
             continue
-        rule = primary_rule(rows, variants[0])
+        rule = primary_rule(rules_of(rows, variants[0]))
         per_seed = [{level: _totals(rows, variants[level - 1], seed, rule)[level] for level in range(1, 8)}
                     for seed in seeds]
         totals = [sum(levels.values()) for levels in per_seed]
@@ -304,7 +305,7 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
     header = ["method", "seed", "rule of L1-L7", *[f"L{level}" for level in range(1, ktc2023.N_LEVELS + 1)],
               *[f"total {rule}" for rule in SEGMENTATIONS], *[f"sim {rule}" for rule in SEGMENTATIONS],
               "MSE ratio, no data term", "MSE ratio, another y", "epochs"]
-    body = [_table_row(name, None, rows, ["-", "-", "-"])[0] for name in baselines]
+    body = [_table_row(name, None, rows, ["-", "-", "-"], baseline=True)[0] for name in baselines]
     seeds_of = {}
     x0_segmented = {(X0_SEGMENTER, r["seed"]): None for r in rows if r["method"] == X0_SEGMENTER}
     for (method, seed), ablation in {**ablations, **x0_segmented}.items():
@@ -335,7 +336,7 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
     lines.append(f"- our replication of the reference method (its settings on our mesh), per level L1-L7: "
                  f"{' / '.join(f'{reference[level]:.3f}' for level in range(1, 8))}, total {sum(reference.values()):.3f}")
     for method, totals in seeds_of.items():
-        rule = primary_rule(rows, method)
+        rule = primary_rule(rules_of(rows, method))
         means = {level: float(np.mean([t[rule][level] for t in totals])) for level in range(1, 8)}
         above = [level for level in range(1, 8) if means[level] > reference[level]]
         lines.append(f"- {method}, {rule}, seed mean minus that replication per level: "
@@ -355,7 +356,7 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
     (results / f"{stem}.md").write_text("\n".join(lines) + "\n")
     for name, (images, labels) in pictures.items():
         is_base = name in baselines
-        rule = primary_rule(rows, name)
+        rule = primary_rule(rules_of(rows, name), is_base)
         total = _totals(rows, name, None if is_base else spec["seeds"][0], rule)["total"]
         plot_levels(images, labels, truths, figures / f"{stem}_{slug(name)}.png",
                     f"KTC2023 training levels, {name} ({rule}): {total:.2f} of 28")
