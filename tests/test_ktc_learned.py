@@ -30,15 +30,18 @@ def tiny_study(tmp_path_factory):
 
 def test_tiny_study_scores_every_level_and_writes_table_and_figures(tiny_study):
     """28 measured scores and 4 simulated ones per method and labelling rule (the Otsu rules for every network and
-    x0, the learned rule where the profile trains a segmenter, only it for the x0-only segmenter); the linearised
+    x0, the learned rule where the profile trains a segmenter, only it for the x0-only segmenter; the network
+    trained on end to end with its segmenter has every rule); the linearised
     x0 on this mesh totals 14.296 of 28 with the organisers' Otsu rule (measured; deterministic)."""
     out, rows = tiny_study
     methods = {r["method"] for r in rows}
     baseline_name = "linearised x0 (sigma_bg 0.727, z 0.00012)"
     x0_only = ktc2023_learned.X0_SEGMENTER
-    assert methods == {baseline_name, "unrolled LPGD-RMA", "post-processing", x0_only}
+    joint = ktc2023_learned.end_to_end_name("post-processing")
+    assert methods == {baseline_name, "unrolled LPGD-RMA", "post-processing", x0_only, joint}
     rules = {baseline_name: {"otsu", "log_otsu"}, "unrolled LPGD-RMA": {"otsu", "log_otsu"},
-             "post-processing": {"otsu", "log_otsu", "learned"}, x0_only: {"learned"}}
+             "post-processing": {"otsu", "log_otsu", "learned"}, x0_only: {"learned"},
+             joint: {"otsu", "log_otsu", "learned"}}
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         assert {r["segmentation"] for r in mine} == rules[method]
@@ -52,7 +55,7 @@ def test_tiny_study_scores_every_level_and_writes_table_and_figures(tiny_study):
     table = (out / "results" / "ktc2023_learned_tiny.md").read_text()
     assert f"{baseline:.3f}" in table and "post-processing" in table
     for name in ("linearised_x0_sigma_bg_0.727_z_0.00012", "unrolled_lpgd-rma", "post-processing", "curves",
-                 "learned_segmentation_of_x0_no_network"):
+                 "learned_segmentation_of_x0_no_network", "post-processing_end_to_end"):
         assert (out / "figures" / f"ktc2023_learned_tiny_{name}.png").stat().st_size > 10_000
     assert "unrolled LPGD-RMA vs post-processing, log_otsu: measured total" in table
     assert "unrolled LPGD-RMA vs post-processing, learned" not in table  # the unrolled one has no segmenter here

@@ -46,19 +46,25 @@ class SegmenterInputs:
             raise ValueError(f"segmenter inputs {list(inputs)}: expected distinct names among {list(INPUTS)}")
         nodes, elements = operator.nodes.cpu().numpy(), operator.elements.cpu().numpy()
         self.inputs, self.n, self.background = inputs, int(n), float(operator.background)
-        self.nodal = PixelMap(nodes, elements, n=self.n)
+        nodal = PixelMap(nodes, elements, n=self.n)
         self.element = PixelMap(nodes, elements, n=self.n, mode="element")
+        matrix = nodal.matrix.tocoo()
+        self.nodal = torch.sparse_coo_tensor(np.stack([matrix.row, matrix.col]), matrix.data, matrix.shape,
+                                             dtype=torch.float64, check_invariants=True).coalesce()
         inside = np.zeros(self.n * self.n)
-        inside[self.nodal.inside] = 1.0
+        inside[nodal.inside] = 1.0
         self.inside = torch.tensor(inside, dtype=torch.float32).view(1, 1, self.n, self.n)
 
     def __call__(self, sigma: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """(B, C, n, n) float32 of sigma, x0 (B, E) S/m."""
-        values = {"sigma": lambda: np.log(sigma.detach().double().cpu().clamp(min=LOG_FLOOR * self.background).numpy()
-                                          / self.background),
-                  "x0": lambda: x0.detach().double().cpu().numpy() / self.background}
-        images = [torch.tensor(self.nodal(values[name]()), dtype=torch.float32) for name in self.inputs]
-        return torch.cat([torch.stack(images, 1), self.inside.expand(len(images[0]), -1, -1, -1)], 1)
+        """(B, C, n, n) float32 of sigma, x0 (B, E) S/m, on sigma's device; differentiable in sigma (the
+        segmenter trained end to end with the network, :func:`train_segmenter`)."""
+        values = {"sigma": lambda: torch.log(sigma.double().clamp(min=LOG_FLOOR * self.background) / self.background),
+                  "x0": lambda: x0.double().to(sigma.device) / self.background}
+        nodal = self.nodal.to(sigma.device)
+        images = [torch.sparse.mm(nodal, values[name]().T).T.reshape(-1, self.n, self.n).float()
+                  for name in self.inputs]
+        inside = self.inside.to(sigma.device).expand(len(images[0]), -1, -1, -1)
+        return torch.cat([torch.stack(images, 1), inside], 1)
 
     def classes(self, element_classes: torch.Tensor) -> torch.Tensor:
         """(B, n, n) int64 classes of per-element classes (B, E) (each pixel its triangle's; 0 outside)."""
@@ -131,65 +137,93 @@ def network_outputs(model: nn.Module, dataset, batch_size: int = 100) -> torch.T
 
 def train_segmenter(model: nn.Module, operator, sets: dict, element_classes, inputs=INPUTS, n: int = 64,
                     channels: int = 32, epochs: int = 20, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
-                    progress: bool = True) -> tuple[KTCSegmentation, list[dict]]:
-    """Train a segmenter on a frozen network's outputs for ``sets`` {"train", "val"} (datasets with y, x0, x).
+                    progress: bool = True, network_lr: float | None = None) -> tuple[KTCSegmentation, list[dict]]:
+    """Train a segmenter on a network's outputs for ``sets`` {"train", "val"} (datasets with y, x0, x).
 
     ``element_classes``: sigma (B, E) -> classes (B, E) (the generator's ``labels``). Adam at ``lr`` with a
     cosine decay over ``epochs``, cross-entropy, the weights of the lowest validation loss kept; a step whose
-    loss is not finite is skipped. Returns (the segmentation, history [{epoch, train_ce, val_ce, skipped}])."""
+    loss or gradient is not finite is skipped. The network stays frozen unless ``network_lr`` is given: then it
+    is trained with the segmenter, end to end for the labels (its own Adam group at ``network_lr``, gradients
+    clipped to norm 1), and left with the weights of the lowest validation loss. Returns (the segmentation,
+    history [{epoch, train_ce, val_ce, skipped}])."""
     if int(epochs) < 1:
         raise ValueError(f"segmenter epochs={epochs}: expected >= 1")
+    joint = network_lr is not None
     features = SegmenterInputs(operator, inputs, n)
-    data = {}
-    for split in ("train", "val"):
+    if joint and "sigma" not in features.inputs:
+        raise ValueError("segmenter trained end to end (network_lr): its inputs must include 'sigma'")
+    dtype = next(model.parameters()).dtype
+    classes = {split: features.classes(element_classes(sets[split].x.double())) for split in ("train", "val")}
+    cached = {} if joint else {
+        split: features(network_outputs(model, sets[split]) if "sigma" in features.inputs else sets[split].x0.double(),
+                        sets[split].x0) for split in ("train", "val")}
+
+    def images(split: str, index) -> torch.Tensor:
+        """The segmenter's inputs for samples ``index`` of a split (the network run now when it is trained)."""
+        if not joint:
+            return cached[split][index]
         ds = sets[split]
-        sigma = network_outputs(model, ds) if "sigma" in features.inputs else ds.x0.double()
-        data[split] = (features(sigma, ds.x0), features.classes(element_classes(ds.x.double())))
+        return features(model(ds.y[index].to(dtype), ds.x0[index].to(dtype)), ds.x0[index])
+
     generator = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng():
         torch.manual_seed(int(seed))
         segmenter = TankSegmenter(len(features.inputs) + 1, channels)
-    optimiser = torch.optim.Adam(segmenter.parameters(), lr=lr)
-    steps = int(epochs) * math.ceil(len(data["train"][0]) / batch_size)
+    groups = [{"params": list(segmenter.parameters()), "lr": lr}]
+    trained = [segmenter, model] if joint else [segmenter]
+    if joint:
+        groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": float(network_lr)})
+    optimiser = torch.optim.Adam(groups)
+    n_train = len(classes["train"])
+    steps = int(epochs) * math.ceil(n_train / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
     best, best_state, history = math.inf, None, []
     for epoch in range(1, int(epochs) + 1):
-        segmenter.train()
-        images, classes = data["train"]
-        order = torch.randperm(len(images), generator=generator)
+        for module in trained:
+            module.train()
+        order = torch.randperm(n_train, generator=generator)
         total, count, skipped = 0.0, 0, 0
-        for start in tqdm(range(0, len(order), batch_size), desc=f"segmenter epoch {epoch}/{epochs}",
+        for start in tqdm(range(0, n_train, batch_size), desc=f"segmenter epoch {epoch}/{epochs}",
                           disable=not progress, leave=False):
             batch = order[start:start + batch_size]
-            loss = F.cross_entropy(segmenter(images[batch]), classes[batch])
-            if not torch.isfinite(loss):
+            loss = F.cross_entropy(segmenter(images("train", batch)), classes["train"][batch])
+            optimiser.zero_grad()
+            if torch.isfinite(loss):
+                loss.backward()
+            norm = nn.utils.clip_grad_norm_([p for group in groups for p in group["params"]],
+                                            1.0 if joint else math.inf)  # inf: the norm only, nothing scaled
+            if not (torch.isfinite(loss) and torch.isfinite(norm)):
                 skipped += 1
                 continue
-            optimiser.zero_grad()
-            loss.backward()
             optimiser.step()
             schedule.step()
             total, count = total + loss.item() * len(batch), count + len(batch)
-        segmenter.eval()
+        for module in trained:
+            module.eval()
         with torch.no_grad():
-            val = float(F.cross_entropy(segmenter(data["val"][0]), data["val"][1]))
+            val_index = torch.arange(len(classes["val"]))
+            val = float(sum(F.cross_entropy(segmenter(images("val", part)), classes["val"][part], reduction="sum")
+                            for part in val_index.split(100)) / classes["val"].numel())
         history.append({"epoch": epoch, "train_ce": total / max(count, 1), "val_ce": val, "skipped": skipped})
         if progress:
             tqdm.write(f"segmenter epoch {epoch}: train CE {history[-1]['train_ce']:.4f}, val CE {val:.4f}")
         if val < best:
-            best, best_state = val, {k: v.clone() for k, v in segmenter.state_dict().items()}
+            best, best_state = val, [{k: v.clone() for k, v in m.state_dict().items()} for m in trained]
     if best_state is None:
         raise RuntimeError("segmenter training: the validation loss was never finite")
-    segmenter.load_state_dict(best_state)
+    for module, state in zip(trained, best_state):
+        module.load_state_dict(state)
     return KTCSegmentation(operator, segmenter, features.inputs, n), history
 
 
 def add_segmenter(source: str | Path, target: str | Path, inputs=INPUTS, n: int = 64, channels: int = 32,
-                  epochs: int = 20, seed: int = 0, settings: dict | None = None, progress: bool = True) -> dict:
+                  epochs: int = 20, seed: int = 0, settings: dict | None = None, progress: bool = True,
+                  network_lr: float | None = None) -> dict:
     """Train a segmenter on the network of checkpoint ``source`` (trained on ``data=ktc2023_sim``) and write the
     network with it to ``target`` (:func:`export_model`). The simulated train / val splits are those of the stored
     config (generated if missing), with ``settings`` {dotted key: value} applied, e.g. ``operator.data_root``.
-    Returns the segmenter's history."""
+    ``network_lr``: the network is trained on with the segmenter, end to end for the labels, from the checkpoint's
+    weights (:func:`train_segmenter`), and written with its new weights. Returns the segmenter's history."""
     source = Path(source)
     if not source.is_file():
         raise FileNotFoundError(f"model checkpoint {source} does not exist")
@@ -197,12 +231,14 @@ def add_segmenter(source: str | Path, target: str | Path, inputs=INPUTS, n: int 
     operator = model.operator
     sets = load_datasets(cfg, operator, splits=("train", "val"))
     segmentation, history = train_segmenter(model, operator, sets, instantiate(cfg.data.generator).labels, inputs, n,
-                                            channels, epochs, seed=seed, progress=progress)
+                                            channels, epochs, seed=seed, progress=progress, network_lr=network_lr)
     state = checkpoints.load(source)
     provenance = {**state.get("provenance", {}),
                   "segmenter": {"source": source.name, "seed": int(seed), "epochs": int(epochs),
+                                "network_lr": network_lr,
                                 "best_val_ce": min(h["val_ce"] for h in history),
                                 "trained_on": f"{cfg.data.name}: {len(sets['train'])} train / {len(sets['val'])} val"}}
     checkpoints.export_model(source, target, provenance=provenance,
-                             extra={"segmenter": segmentation.to_plain(history)})
+                             extra={"segmenter": segmentation.to_plain(history)},
+                             weights=None if network_lr is None else model.state_dict())
     return {"history": history, "provenance": provenance}

@@ -24,7 +24,10 @@ A profile's ``segmenter`` entry {variants, epochs, x0_only} adds the learned seg
 for each listed variant's runs a segmenter is trained on the frozen network's simulated outputs (the run's
 ``segmenter/model.pt``), scored as the rule ``learned`` next to the Otsu rules; with ``x0_only`` the same
 segmenter reading only the linearised x0 (no network; ``x0_segmenter/`` of the first listed variant's runs, on
-their data) is a method of its own, so the network's share in the learned labels is measured.
+their data) is a method of its own, so the network's share in the learned labels is measured. Its
+``end_to_end`` entry {variants, network_lr} trains, for those variants' runs, the network on from its weights
+together with a new segmenter, for the labels (cross-entropy through the network; ``joint_segmenter/``), as the
+method "<variant>, end to end", with the same number of segmenter epochs as the frozen one.
 """
 
 from __future__ import annotations
@@ -56,6 +59,23 @@ COLUMNS = ["method", "seed", "split", "level", "target", "segmentation", "score"
 # (every rule's totals are in the table)
 PRIMARY = {"baseline": "otsu", "network": "log_otsu", "segmented": "learned"}
 X0_SEGMENTER = "learned segmentation of x0 (no network)"
+
+
+def end_to_end_name(variant: str) -> str:
+    """The method of a variant's network trained on with its segmenter, end to end for the labels."""
+    return f"{variant}, end to end"
+
+
+def end_to_end_variants(spec: dict) -> list[str]:
+    """The variants whose networks a profile trains on end to end with a segmenter (segmenter.end_to_end)."""
+    return list(((spec.get("segmenter") or {}).get("end_to_end") or {}).get("variants", []))
+
+
+def methods_of(spec: dict) -> list[str]:
+    """Every method a profile scores besides the x0 baseline: its variants, the x0-only segmenter, the networks
+    trained end to end."""
+    return [*spec["variants"], *([X0_SEGMENTER] if (spec.get("segmenter") or {}).get("x0_only") else []),
+            *map(end_to_end_name, end_to_end_variants(spec))]
 
 
 def primary_rule(rules, baseline: bool = False) -> str:
@@ -125,16 +145,19 @@ def score_run(model_path: Path, method: str, seed: int, root: Path, truths: np.n
     return rows, base_rows, {name: (np.stack(i), np.stack(l)) for name, (i, l) in pictures.items()}
 
 
-def trained_segmenter(run_dir: Path, name: str, inputs, spec: dict, seed: int, report_only: bool) -> Path | None:
+def trained_segmenter(run_dir: Path, name: str, inputs, spec: dict, seed: int, report_only: bool,
+                      network_lr: float | None = None) -> Path | None:
     """The run's network with a segmenter reading ``inputs``, trained once into run_dir/<name>/ (a claimed unit:
-    workers share them); None while another process trains it, or in report_only mode before it exists."""
+    workers share them); None while another process trains it, or in report_only mode before it exists.
+    ``network_lr``: the network is trained on with it, end to end (:func:`add_segmenter`)."""
     unit = run_dir / name
     target = unit / "model.pt"
 
     def work() -> dict:
-        print(f"{name}: training on the outputs of {run_dir.name} (inputs {', '.join(inputs)})")
+        how = "frozen" if network_lr is None else f"trained on at lr {network_lr:g}"
+        print(f"{name}: training on the outputs of {run_dir.name} (inputs {', '.join(inputs)}; network {how})")
         return add_segmenter(run_dir / "checkpoints" / "best.pt", target, inputs,
-                             epochs=int(spec["segmenter"].get("epochs", 20)), seed=seed)
+                             epochs=int(spec["segmenter"].get("epochs", 20)), seed=seed, network_lr=network_lr)
 
     return target if run_claimed(unit, work, report_only) is not None else None
 
@@ -155,7 +178,7 @@ def ship(spec: dict, profile: str, runs: dict, curves: dict, rows: list[dict], o
     of its last stage (the segmenter's cross-entropy when every candidate has a segmenter, else the network's
     MSE); all candidates share the simulated data. None (nothing written) until every candidate is done."""
     candidates, target = list(spec["ship"]["candidates"]), out_dir / spec["ship"]["to"]
-    known = [*spec["variants"], *([X0_SEGMENTER] if (spec.get("segmenter") or {}).get("x0_only") else [])]
+    known = methods_of(spec)
     if not candidates or any(name not in known for name in candidates):
         raise ConfigError(f"ktc2023_learned profile {profile}: ship.candidates {candidates} must be among "
                           f"{', '.join(known)}")
@@ -194,13 +217,15 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
                               "the KTC2023 folder (training/, training_levels/; published on Zenodo, see the "
                               "README's Real tanks section)").resolve()
     for pair in spec.get("compare", []):
-        if len(pair) != 2 or any(name not in spec["variants"] for name in pair):
-            raise ConfigError(f"ktc2023_learned profile {profile}: compare entry {pair} must name two of its variants "
-                              f"({', '.join(spec['variants'])})")
-    segmenting = list((spec.get("segmenter") or {}).get("variants", []))
-    unknown = [name for name in segmenting if name not in spec["variants"]]
-    if unknown:
-        raise ConfigError(f"ktc2023_learned profile {profile}: segmenter.variants {unknown} are not among its variants")
+        if len(pair) != 2 or any(name not in methods_of(spec) for name in pair):
+            raise ConfigError(f"ktc2023_learned profile {profile}: compare entry {pair} must name two of its methods "
+                              f"({', '.join(methods_of(spec))})")
+    segmenting, joint = list((spec.get("segmenter") or {}).get("variants", [])), end_to_end_variants(spec)
+    for key, names in (("variants", segmenting), ("end_to_end.variants", joint)):
+        unknown = [name for name in names if name not in spec["variants"]]
+        if unknown:
+            raise ConfigError(f"ktc2023_learned profile {profile}: segmenter.{key} {unknown} are not among its "
+                              "variants")
     truths = load_truths(root)
     runs_dir = Path(runs_dir) if runs_dir else out_dir / "runs" / "reproduce"
     rows, ablations, curves, pictures, baselines, runs = [], {}, {}, {}, {}, {}
@@ -232,6 +257,17 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
                         pictures.update(x0_pictures)
             if base_rows:  # runs with the same operator calibration share x0: scored once
                 baselines[base_rows[0]["method"]] = base_rows
+            if method in joint:
+                joint_model = trained_segmenter(run_dir, "joint_segmenter", ("sigma", "x0"), spec, seed, report_only,
+                                                float(spec["segmenter"]["end_to_end"]["network_lr"]))
+                if joint_model is not None:
+                    name = end_to_end_name(method)
+                    joint_rows, _, joint_pictures = score_run(joint_model, name, seed, root, truths,
+                                                              spec["sim_samples"], result["git_commit"], baselines)
+                    rows += joint_rows
+                    runs[name, seed] = joint_model
+                    if seed == spec["seeds"][0]:
+                        pictures.update(joint_pictures)
             ablations[method, seed] = run_ablation(run_dir)
             runs[method, seed] = model_path
             curves[method, seed] = val_curve(run_dir)
@@ -307,8 +343,9 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
               "MSE ratio, no data term", "MSE ratio, another y", "epochs"]
     body = [_table_row(name, None, rows, ["-", "-", "-"], baseline=True)[0] for name in baselines]
     seeds_of = {}
-    x0_segmented = {(X0_SEGMENTER, r["seed"]): None for r in rows if r["method"] == X0_SEGMENTER}
-    for (method, seed), ablation in {**ablations, **x0_segmented}.items():
+    segmented = {(r["method"], r["seed"]): None for r in rows  # methods without a network run of their own
+                 if r["method"] not in baselines and (r["method"], r["seed"]) not in ablations}
+    for (method, seed), ablation in {**ablations, **segmented}.items():
         extra = ["-", "-", "-"] if ablation is None else [
             f"{ablation['no_data_term_ratio']:.3f}", f"{ablation['other_y_ratio']:.3f}", len(curves[method, seed])]
         row, by_rule = _table_row(method, seed, rows, extra)

@@ -165,13 +165,14 @@ def upgrade(path: str | Path) -> bool:
 
 
 def export_model(source: str | Path, target: str | Path, settings: dict | None = None,
-                 provenance: dict | None = None, extra: dict | None = None) -> dict:
+                 provenance: dict | None = None, extra: dict | None = None, weights: dict | None = None) -> dict:
     """Write the weights and config of checkpoint ``source`` to ``target`` without the optimiser, scheduler,
     history and RNG states (a model to ship: about a third of a training checkpoint). ``settings``
     {dotted config key: value} replace entries of the stored config (e.g. a machine's absolute data paths);
     ``provenance`` (plain data: the run, its seed, how it was chosen) is stored beside; ``extra`` {name: plain
-    data} adds entries (e.g. a trained segmenter), and keeps one that ``source`` holds unless it names it.
-    Returns what was written."""
+    data} adds entries (e.g. a trained segmenter), and keeps one that ``source`` holds unless it names it;
+    ``weights`` (a state dict) replace the stored ones (a network trained further, e.g. end to end with its
+    segmenter). Returns what was written."""
     state = load(source)
     body = OmegaConf.create(state["config"]["config"])
     for key, value in (settings or {}).items():
@@ -179,7 +180,7 @@ def export_model(source: str | Path, target: str | Path, settings: dict | None =
             raise KeyError(f"{source}: the stored config has no {key}")
         OmegaConf.update(body, key, value)
     config = {**state["config"], "config": OmegaConf.to_container(body, resolve=False)}
-    model = {"model": state["model"], "config": config, "provenance": dict(provenance or {}),
+    model = {"model": state["model"] if weights is None else weights, "config": config, "provenance": dict(provenance or {}),
              "epoch": state.get("epoch"), "best_val": state.get("best_val")}
     clash = sorted(set(extra or {}) & set(model))
     if clash:
