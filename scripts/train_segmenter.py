@@ -1,11 +1,13 @@
 """Train a learned segmentation for a KTC2023 network (deepunroll/realdata/ktc_segmenter.py) and save both.
 
     python scripts/train_segmenter.py CHECKPOINT TARGET [--epochs 20] [--inputs sigma x0] [--seed 0]
+                                      [--network-lr 1e-4]
 
 CHECKPOINT is a network trained on data=ktc2023_sim (a run's checkpoints/best.pt, or an exported model); the
 network stays frozen and a small U-Net learns the three KTC classes from its output and the linearised x0 on the
-simulated train split (cross-entropy, best validation loss kept). TARGET gets the network's weights and config
-with the segmenter; ``scripts/ktc2023.py --model TARGET`` then labels with it (segmentation ``learned``).
+simulated train split (cross-entropy, best validation loss kept). With ``--network-lr`` the network is trained on
+with it, end to end for the labels. TARGET gets the network's weights and config with the segmenter;
+``scripts/ktc2023.py --model TARGET`` then labels with it (segmentation ``learned``).
 """
 
 import argparse
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", type=int, default=64, help="the segmenter's grid (pixels per side, divisible by 4)")
     parser.add_argument("--channels", type=int, default=32, help="the U-Net's first-level channels (multiple of 8)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--network-lr", type=float, default=None, help="train the network on with the segmenter at "
+                        "this learning rate (end to end for the labels; needs the sigma input); default: frozen")
     parser.add_argument("--data-root", default=None, help="the KTC2023 folder (its training/ref.mat), if the "
                         "checkpoint's operator.data_root does not point at it on this machine")
     parser.add_argument("--data-dir", default=None, help="where the simulated dataset is (or is generated)")
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                 if value is not None}
     try:
         result = add_segmenter(args.checkpoint, args.target, args.inputs, args.grid, args.channels, args.epochs,
-                               args.seed, settings)
+                               args.seed, settings, network_lr=args.network_lr)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error.args[0] if error.args else error}")
     best = result["provenance"]["segmenter"]["best_val_ce"]

@@ -50,6 +50,18 @@ class Echo(torch.nn.Module):
         return y
 
 
+class Gated(torch.nn.Module):
+    """A stand-in network that hides y until trained: sigma = sigma_bg (y / sigma_bg)^a, a learnable, a = 0 at
+    first (a uniform tank: no information for the segmenter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, y, x0):
+        return BACKGROUND * torch.exp(self.a * torch.log(y / BACKGROUND))
+
+
 def dataset(tank, n: int, seed: int):
     sigma, classes = disks(tank, n, seed)
     noise = torch.randn(sigma.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
@@ -117,6 +129,24 @@ def test_segmenter_learns_the_classes_from_its_input_and_not_without_it(tank, tr
     assert (x0_segmentation.labels(test.y, test.x0) > 0).sum() == 0
 
 
+def test_end_to_end_training_trains_the_network_for_the_labels(tank):
+    """With network_lr the cross-entropy reaches the network's weights: the gated network, which shows nothing
+    until trained, learns to open (a 0 -> -0.87: the contrast flipped, which the segmenter reads as well) and its
+    segmenter then finds the classes (validation CE 0.071); with the network frozen the same setting learns only
+    the classes' prior (CE 0.250, a stays 0). End to end needs the sigma input."""
+    (train, _), (val, _) = dataset(tank, 128, 0), dataset(tank, 32, 10)
+    labels = lambda sigma: (sigma < 0.5 * BACKGROUND).long() + 2 * (sigma > 2 * BACKGROUND).long()  # noqa: E731
+    sets = {"train": train, "val": val}
+    kwargs = dict(n=32, channels=16, epochs=15, batch_size=16, lr=3e-3, seed=0, progress=False)
+    frozen, joint = Gated(), Gated()
+    _, frozen_history = train_segmenter(frozen, tank, sets, labels, ("sigma", "x0"), **kwargs)
+    _, joint_history = train_segmenter(joint, tank, sets, labels, ("sigma", "x0"), network_lr=0.05, **kwargs)
+    assert frozen.a.item() == 0.0 and min(h["val_ce"] for h in frozen_history) > 0.2
+    assert min(h["val_ce"] for h in joint_history) < 0.1 and abs(joint.a.item()) > 0.5
+    with pytest.raises(ValueError, match="end to end \\(network_lr\\): its inputs must include 'sigma'"):
+        train_segmenter(Gated(), tank, sets, labels, ("x0",), network_lr=0.05, **kwargs)
+
+
 def test_checkpoint_round_trip_and_export_extras(tank, trained, tmp_path):
     """to_plain -> from_plain gives the same labels; export_model writes the extra entry, carries it over from a
     source that has one, and refuses an extra that would replace the model's own entries."""
@@ -134,6 +164,8 @@ def test_checkpoint_round_trip_and_export_extras(tank, trained, tmp_path):
     assert carried["inputs"] == ["sigma", "x0"] and carried["grid"] == 32 and len(carried["history"]) == 15
     with pytest.raises(KeyError, match=r"extra entries \['model'\] would replace the model's own"):
         export_model(source, tmp_path / "bad.pt", extra={"model": {}})
+    export_model(source, tmp_path / "tuned.pt", weights={"w": torch.ones(2)})  # a network trained on
+    assert load(tmp_path / "tuned.pt")["model"]["w"].tolist() == [1.0, 1.0]
 
 
 def test_learned_rule_needs_a_segmenter(tank):

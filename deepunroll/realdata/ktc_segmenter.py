@@ -10,9 +10,9 @@ n x n grid of the tank (nodal images, :class:`PixelMap`), are
 * always the tank's indicator (1 inside the disk).
 
 It outputs three class logits per pixel. It is trained with cross-entropy against the simulated targets' classes
-(``KTCPhantoms.labels``, each pixel its triangle's), while the reconstruction network stays frozen
-(:func:`train_segmenter`). Labels on the 256 x 256 KTC grid: the logits upsampled bilinearly, argmax, 0 outside
-the tank.
+(``KTCPhantoms.labels``, each pixel its triangle's), while the reconstruction network stays frozen, or is
+trained on with it, end to end for the labels (``network_lr``; :func:`train_segmenter`). Labels on the
+256 x 256 KTC grid: the logits upsampled bilinearly, argmax, 0 outside the tank.
 """
 
 from __future__ import annotations

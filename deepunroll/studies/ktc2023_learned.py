@@ -27,17 +27,21 @@ segmenter reading only the linearised x0 (no network; ``x0_segmenter/`` of the f
 their data) is a method of its own, so the network's share in the learned labels is measured. Its
 ``end_to_end`` entry {variants, network_lr} trains, for those variants' runs, the network on from its weights
 together with a new segmenter, for the labels (cross-entropy through the network; ``joint_segmenter/``), as the
-method "<variant>, end to end", with the same number of segmenter epochs as the frozen one.
+method "<variant>, end to end", with the same number of segmenter epochs as the frozen one; where that network
+has a data term it is scored again with the term removed ("..., data term removed"), so the measurements' share
+in its labels is measured.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
 
+from deepunroll.ablation import data_term_removed
 from deepunroll.metrics import ktc_score
 from deepunroll.pipeline import load_datasets
 from deepunroll.realdata import ktc2023
@@ -64,6 +68,11 @@ X0_SEGMENTER = "learned segmentation of x0 (no network)"
 def end_to_end_name(variant: str) -> str:
     """The method of a variant's network trained on with its segmenter, end to end for the labels."""
     return f"{variant}, end to end"
+
+
+def no_data_term_name(method: str) -> str:
+    """The method of a network scored with its data-fit directions zeroed."""
+    return f"{method}, data term removed"
 
 
 def end_to_end_variants(spec: dict) -> list[str]:
@@ -111,15 +120,24 @@ def baseline_name(cfg) -> str:
 
 
 def score_run(model_path: Path, method: str, seed: int, root: Path, truths: np.ndarray, n_sim: int, commit: str,
-              scored_baselines=(), rules=None, x0_only: bool = False):
+              scored_baselines=(), rules=None, x0_only: bool = False, data_term: bool = True):
     """(rows of the network, rows of its x0, {name: (images, labels) (7, 4, 256, 256)}) of one trained model
     (a run's best.pt, or one with a segmenter); the pictures' labels use each method's primary rule. The x0 is
     not scored again (its rows are empty) when its name is in ``scored_baselines``: runs on the same data share
     it. ``rules``: the network's labelling rules (default: all it can apply); ``x0_only``: the method is the
-    model's segmenter reading x0 alone (its images are x0's)."""
+    model's segmenter reading x0 alone (its images are x0's); ``data_term=False``: the network's data-fit
+    directions are zero throughout (:func:`data_term_removed`; does it use the measurements?)."""
     reconstructor = KTCLearnedReconstructor(model_path, root / "training" / "ref.mat")
+    model, tank = reconstructor.model, reconstructor.tank
+    with nullcontext() if data_term else data_term_removed(model):
+        return _score_reconstructor(reconstructor, method, seed, root, truths, n_sim, commit, scored_baselines,
+                                    rules or tank.rules(), x0_only)
+
+
+def _score_reconstructor(reconstructor: KTCLearnedReconstructor, method, seed, root, truths, n_sim, commit,
+                         scored_baselines, rules, x0_only):
+    """:func:`score_run` of a loaded model."""
     cfg, model, tank = reconstructor.cfg, reconstructor.model, reconstructor.tank
-    rules = rules or tank.rules()
     baseline = baseline_name(cfg)
     with_baseline = baseline not in scored_baselines and not x0_only
     trained = reconstructor.operator(int(cfg.operator.level))
@@ -266,6 +284,9 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
                                                               spec["sim_samples"], result["git_commit"], baselines)
                     rows += joint_rows
                     runs[name, seed] = joint_model
+                    if load_checkpoint(joint_model)["config"]["config"]["net"]["direction"] != "none":
+                        rows += score_run(joint_model, no_data_term_name(name), seed, root, truths,
+                                          spec["sim_samples"], result["git_commit"], baselines, data_term=False)[0]
                     if seed == spec["seeds"][0]:
                         pictures.update(joint_pictures)
             ablations[method, seed] = run_ablation(run_dir)
