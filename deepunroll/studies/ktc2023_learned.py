@@ -284,7 +284,7 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
                                                               spec["sim_samples"], result["git_commit"], baselines)
                     rows += joint_rows
                     runs[name, seed] = joint_model
-                    if load_checkpoint(joint_model)["config"]["config"]["net"]["direction"] != "none":
+                    if result["config"]["net"]["direction"] != "none":  # a data term to remove
                         rows += score_run(joint_model, no_data_term_name(name), seed, root, truths,
                                           spec["sim_samples"], result["git_commit"], baselines, data_term=False)[0]
                     if seed == spec["seeds"][0]:
