@@ -70,6 +70,19 @@ def end_to_end_name(variant: str) -> str:
     return f"{variant}, end to end"
 
 
+def x0_segmenters(spec: dict) -> dict[str, tuple[str, int]]:
+    """{method: (unit folder, epochs)} of a profile's x0-only segmenters: with segmenter.x0_only, one at
+    segmenter.epochs (:data:`X0_SEGMENTER`), and with segmenter.x0_longer N, another trained for N epochs."""
+    seg = spec.get("segmenter") or {}
+    if not seg.get("x0_only"):
+        return {}
+    out = {X0_SEGMENTER: ("x0_segmenter", int(seg.get("epochs", 20)))}
+    if seg.get("x0_longer"):
+        out[f"{X0_SEGMENTER}, {int(seg['x0_longer'])} epochs"] = (f"x0_segmenter_{int(seg['x0_longer'])}_epochs",
+                                                                  int(seg["x0_longer"]))
+    return out
+
+
 def no_data_term_name(method: str) -> str:
     """The method of a network scored with its data-fit directions zeroed."""
     return f"{method}, data term removed"
@@ -83,8 +96,7 @@ def end_to_end_variants(spec: dict) -> list[str]:
 def methods_of(spec: dict) -> list[str]:
     """Every method a profile scores besides the x0 baseline: its variants, the x0-only segmenter, the networks
     trained end to end."""
-    return [*spec["variants"], *([X0_SEGMENTER] if (spec.get("segmenter") or {}).get("x0_only") else []),
-            *map(end_to_end_name, end_to_end_variants(spec))]
+    return [*spec["variants"], *x0_segmenters(spec), *map(end_to_end_name, end_to_end_variants(spec))]
 
 
 def primary_rule(rules, baseline: bool = False) -> str:
@@ -164,10 +176,11 @@ def _score_reconstructor(reconstructor: KTCLearnedReconstructor, method, seed, r
 
 
 def trained_segmenter(run_dir: Path, name: str, inputs, spec: dict, seed: int, report_only: bool,
-                      network_lr: float | None = None) -> Path | None:
+                      network_lr: float | None = None, epochs: int | None = None) -> Path | None:
     """The run's network with a segmenter reading ``inputs``, trained once into run_dir/<name>/ (a claimed unit:
     workers share them); None while another process trains it, or in report_only mode before it exists.
-    ``network_lr``: the network is trained on with it, end to end (:func:`add_segmenter`)."""
+    ``network_lr``: the network is trained on with it, end to end (:func:`add_segmenter`); ``epochs``: default
+    the profile's segmenter.epochs."""
     unit = run_dir / name
     target = unit / "model.pt"
 
@@ -175,7 +188,8 @@ def trained_segmenter(run_dir: Path, name: str, inputs, spec: dict, seed: int, r
         how = "frozen" if network_lr is None else f"trained on at lr {network_lr:g}"
         print(f"{name}: training on the outputs of {run_dir.name} (inputs {', '.join(inputs)}; network {how})")
         return add_segmenter(run_dir / "checkpoints" / "best.pt", target, inputs,
-                             epochs=int(spec["segmenter"].get("epochs", 20)), seed=seed, network_lr=network_lr)
+                             epochs=int(epochs or spec["segmenter"].get("epochs", 20)), seed=seed,
+                             network_lr=network_lr)
 
     return target if run_claimed(unit, work, report_only) is not None else None
 
@@ -264,13 +278,13 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
             run_rows, base_rows, run_pictures = score_run(model_path, method, seed, root, truths, spec["sim_samples"],
                                                           result["git_commit"], baselines)
             rows += run_rows
-            if segmenting and method == segmenting[0] and spec["segmenter"].get("x0_only"):
-                x0_model = trained_segmenter(run_dir, "x0_segmenter", ("x0",), spec, seed, report_only)
+            for x0_method, (unit, epochs) in (x0_segmenters(spec) if method in segmenting[:1] else {}).items():
+                x0_model = trained_segmenter(run_dir, unit, ("x0",), spec, seed, report_only, epochs=epochs)
                 if x0_model is not None:
-                    x0_rows, _, x0_pictures = score_run(x0_model, X0_SEGMENTER, seed, root, truths, spec["sim_samples"],
+                    x0_rows, _, x0_pictures = score_run(x0_model, x0_method, seed, root, truths, spec["sim_samples"],
                                                         result["git_commit"], rules=("learned",), x0_only=True)
                     rows += x0_rows
-                    runs[X0_SEGMENTER, seed] = x0_model
+                    runs[x0_method, seed] = x0_model
                     if seed == spec["seeds"][0]:
                         pictures.update(x0_pictures)
             if base_rows:  # runs with the same operator calibration share x0: scored once
