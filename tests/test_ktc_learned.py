@@ -38,9 +38,10 @@ def test_tiny_study_scores_every_level_and_writes_table_and_figures(tiny_study):
     baseline_name = "linearised x0 (sigma_bg 0.727, z 0.00012)"
     x0_only = ktc2023_learned.X0_SEGMENTER
     joint = ktc2023_learned.end_to_end_name("post-processing")
-    assert methods == {baseline_name, "unrolled LPGD-RMA", "post-processing", x0_only, joint}
+    longer = f"{x0_only}, 2 epochs"  # segmenter.x0_longer
+    assert methods == {baseline_name, "unrolled LPGD-RMA", "post-processing", x0_only, longer, joint}
     rules = {baseline_name: {"otsu", "log_otsu"}, "unrolled LPGD-RMA": {"otsu", "log_otsu"},
-             "post-processing": {"otsu", "log_otsu", "learned"}, x0_only: {"learned"},
+             "post-processing": {"otsu", "log_otsu", "learned"}, x0_only: {"learned"}, longer: {"learned"},
              joint: {"otsu", "log_otsu", "learned"}}
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
@@ -151,7 +152,7 @@ def test_ship_exports_the_variants_network_and_segmenter_with_provenance(tiny_st
 def test_end_to_end_unit_writes_the_network_trained_on(tiny_study):
     """The tiny profile's end-to-end unit (post-processing): the network in joint_segmenter/model.pt is the run's
     trained on (other weights, the same tensors), its provenance records the network's learning rate, and it is
-    scored as a method of its own in the table."""
+    scored as a method of its own in the table. The longer x0-only segmenter is a unit of its own too."""
     from deepunroll.train.checkpoint import load
 
     out, _ = tiny_study
@@ -160,6 +161,8 @@ def test_end_to_end_unit_writes_the_network_trained_on(tiny_study):
     assert set(after["model"]) == set(before) and after["provenance"]["segmenter"]["network_lr"] == 1e-4
     assert any(not torch.equal(before[key], after["model"][key]) for key in before)
     assert "| post-processing, end to end | 0 | learned |" in (out / "results" / "ktc2023_learned_tiny.md").read_text()
+    longer = load(run / "x0_segmenter_2_epochs" / "model.pt")["segmenter"]  # segmenter.x0_longer: its own unit
+    assert len(longer["history"]) == 2 and longer["inputs"] == ["x0"]
 
 
 def test_learned_reconstructor_checks_level_and_rule_and_log_otsu_is_scale_free(tiny_study):
