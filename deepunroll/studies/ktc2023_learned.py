@@ -217,10 +217,11 @@ def ship(spec: dict, profile: str, runs: dict, curves: dict, rows: list[dict], o
     done = {(name, seed): runs[name, seed] for name in candidates for seed in spec["seeds"] if (name, seed) in runs}
     if len(done) < len(candidates) * len(spec["seeds"]):
         return None
-    if all(path.parent.name.endswith("segmenter") for path in done.values()):
+    segmented = {key: "segmenter" in checkpoint_provenance(path) for key, path in done.items()}
+    if all(segmented.values()):
         best_val = {key: float(checkpoint_provenance(path)["segmenter"]["best_val_ce"]) for key, path in done.items()}
         chosen_by = "lowest simulated validation cross-entropy of the segmenter over candidates and seeds"
-    elif not any(path.parent.name.endswith("segmenter") for path in done.values()):
+    elif not any(segmented.values()):
         best_val = {key: float(min(curves[key])) for key in done}
         chosen_by = "lowest simulated validation MSE over candidates and seeds"
     else:
