@@ -174,6 +174,7 @@ def train_segmenter(model: nn.Module, operator, sets: dict, element_classes, inp
     if joint:
         groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": float(network_lr)})
     optimiser = torch.optim.Adam(groups)
+    params = [p for group in groups for p in group["params"]]
     n_train = len(classes["train"])
     steps = int(epochs) * math.ceil(n_train / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
@@ -190,8 +191,7 @@ def train_segmenter(model: nn.Module, operator, sets: dict, element_classes, inp
             optimiser.zero_grad()
             if torch.isfinite(loss):
                 loss.backward()
-            norm = nn.utils.clip_grad_norm_([p for group in groups for p in group["params"]],
-                                            1.0 if joint else math.inf)  # inf: the norm only, nothing scaled
+            norm = nn.utils.clip_grad_norm_(params, 1.0 if joint else math.inf)  # inf: the norm only, nothing scaled
             if not (torch.isfinite(loss) and torch.isfinite(norm)):
                 skipped += 1
                 continue

@@ -24,7 +24,8 @@ A profile's ``segmenter`` entry {variants, epochs, x0_only} adds the learned seg
 for each listed variant's runs a segmenter is trained on the frozen network's simulated outputs (the run's
 ``segmenter/model.pt``), scored as the rule ``learned`` next to the Otsu rules; with ``x0_only`` the same
 segmenter reading only the linearised x0 (no network; ``x0_segmenter/`` of the first listed variant's runs, on
-their data) is a method of its own, so the network's share in the learned labels is measured. Its
+their data) is a method of its own, so the network's share in the learned labels is measured (``x0_longer`` N:
+another one trained for N epochs, ``x0_segmenter_N_epochs/``). Its
 ``end_to_end`` entry {variants, network_lr} trains, for those variants' runs, the network on from its weights
 together with a new segmenter, for the labels (cross-entropy through the network; ``joint_segmenter/``), as the
 method "<variant>, end to end", with the same number of segmenter epochs as the frozen one; where that network
