@@ -39,10 +39,11 @@ def test_tiny_study_scores_every_level_and_writes_table_and_figures(tiny_study):
     x0_only = ktc2023_learned.X0_SEGMENTER
     joint = ktc2023_learned.end_to_end_name("post-processing")
     longer = f"{x0_only}, 2 epochs"  # segmenter.x0_longer
-    assert methods == {baseline_name, "unrolled LPGD-RMA", "post-processing", x0_only, longer, joint}
+    priors = ktc2023_learned.x0_priors_name(1, 1)  # segmenter.x0_priors
+    assert methods == {baseline_name, "unrolled LPGD-RMA", "post-processing", x0_only, longer, priors, joint}
     rules = {baseline_name: {"otsu", "log_otsu"}, "unrolled LPGD-RMA": {"otsu", "log_otsu"},
              "post-processing": {"otsu", "log_otsu", "learned"}, x0_only: {"learned"}, longer: {"learned"},
-             joint: {"otsu", "log_otsu", "learned"}}
+             priors: {"learned"}, joint: {"otsu", "log_otsu", "learned"}}
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         assert {r["segmentation"] for r in mine} == rules[method]
@@ -165,6 +166,42 @@ def test_end_to_end_unit_writes_the_network_trained_on(tiny_study):
     assert len(longer["history"]) == 2 and longer["inputs"] == ["x0"]
 
 
+def test_segmenter_reads_linearised_reconstructions_with_other_priors(tiny_study):
+    """The tiny profile's x0_priors unit (x0 and one more prior, 0.05 S/m at 0.03 m): its checkpoint records the
+    prior and its U-Net reads three images (x0, the extra reconstruction, the tank). The extra image is the
+    linearised step with that prior of the network's level-1 operator on the level's zeroed data, the same as
+    the level's own operator's (level 4, measured, to float32 rounding). The segmenter uses it: with
+    another target's y (x0 kept) its labels change. Priors on an operator not at level 1 and priors without y
+    are one error each."""
+    from deepunroll.realdata.ktc_segmenter import SegmenterInputs
+    from deepunroll.realdata.ktc_sim import KTCDifferenceX0
+    from deepunroll.train.checkpoint import load
+
+    out, rows = tiny_study
+    run = out / "runs" / "ktc2023_learned_tiny" / "post-processing_seed=0"
+    model = run / "x0_priors_segmenter_1_epochs" / "model.pt"
+    entry = load(model)["segmenter"]
+    assert entry["priors"] == [[0.05, 0.03]] and entry["inputs"] == ["x0"]
+    assert entry["weights"]["down1.0.weight"].shape[1] == 3
+    method = ktc2023_learned.x0_priors_name(1, 1)
+    assert sum(r["method"] == method and r["split"] == "measured" for r in rows) == 28
+    reconstructor = KTCLearnedReconstructor(model, ROOT / "training" / "ref.mat")
+    features = reconstructor.tank.segmenter.features
+    y = reconstructor.measurements(load_level(ROOT, 4), 4)
+    x0, _ = reconstructor.solve(y, 4)
+    own = KTCDifferenceX0(0.05, 0.03)(reconstructor.operator(4), y)
+    image = features(x0, x0, y)[:, 1]
+    expected = torch.sparse.mm(features.nodal, own.T / features.background).T.reshape(image.shape).float()
+    assert (image - expected).abs().max() <= 1e-6
+    labels = reconstructor.tank.labels(x0, x0=x0, y=y)
+    np.testing.assert_array_equal(labels, reconstructor.labels(load_level(ROOT, 4), 4))  # sigma is not read
+    assert not np.array_equal(reconstructor.tank.labels(x0, x0=x0, y=y.roll(1, 0)), labels)
+    with pytest.raises(ValueError, match="needs the measurements y"):
+        features(x0, x0)
+    with pytest.raises(ValueError, match="operator at level 1"):
+        SegmenterInputs(reconstructor.operator(4), ("x0",), 16, [(0.05, 0.03)])
+
+
 def test_learned_reconstructor_checks_level_and_rule_and_log_otsu_is_scale_free(tiny_study):
     """Bad level or rule: one error naming it. log_otsu labels depend on sigma / sigma_bg only: a conductivity
     field and the same field times 1.7 with sigma_bg times 1.7 get the same labels; otsu labels of a change whose
@@ -243,3 +280,7 @@ def test_train_segmenter_script_adds_a_segmenter_the_challenge_script_uses(tiny_
                            capture_output=True, text=True)
     assert blind.returncode == 1 and blind.stderr.strip().splitlines()[-1:] == [
         "error: segmenter trained end to end (network_lr): its inputs must include 'sigma'"]
+    bad = subprocess.run(script + [str(best), str(tmp_path / "p.pt"), "--priors", "0.05"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "argument --priors: '0.05': expected STD,LENGTH (two numbers, e.g. 0.05,0.03)")

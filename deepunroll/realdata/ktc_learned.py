@@ -79,14 +79,15 @@ class TankImages:
         return self.pixels(sigma.detach().double().cpu().numpy() - self.background)
 
     def labels(self, sigma: torch.Tensor, segmentation: str | None = None,
-               x0: torch.Tensor | None = None) -> np.ndarray:
+               x0: torch.Tensor | None = None, y: torch.Tensor | None = None) -> np.ndarray:
         """(B, 256, 256) uint8 (0 water, 1 resistive, 2 conductive) by ``segmentation`` (default: this object's);
-        ``learned`` also reads the linearised x0 (B, E)."""
+        ``learned`` also reads the linearised x0 (B, E), and the difference data y (B, 2356) where its segmenter
+        has extra linearised reconstructions."""
         rule = segmentation or self.segmentation
         if rule == "learned":
             if self.segmenter is None or x0 is None:
                 raise ValueError("segmentation='learned' needs a segmenter and x0")
-            return self.segmenter.labels(sigma, x0)
+            return self.segmenter.labels(sigma, x0, y)
         if rule == "otsu":
             images = self.images(sigma)
         else:
@@ -124,14 +125,23 @@ class KTCLearnedReconstructor:
             self._operators[level] = instantiate(self.cfg.operator, level=level, device=device)
         return self._operators[level]
 
-    def reconstruct(self, data: np.ndarray, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, sigma), each (B, E) float64 S/m, for measurements data (B, 2356) or (2356,)."""
+    def measurements(self, data: np.ndarray, level: int) -> torch.Tensor:
+        """Difference data y = U - U_ref (B, 2356) float64 V of measurements data (B, 2356) or (2356,), the rows
+        the level removed (NaN in the files) 0."""
         operator = self.operator(level)
         data = np.atleast_2d(np.asarray(data, dtype=np.float64))
         if data.shape[1] != operator.n_out:
             raise ValueError(f"KTC data: expected {operator.n_out} voltages per target, got {data.shape[1]}")
         delta = torch.as_tensor(data - self.ref["uel"].reshape(1, -1), device=operator.keep.device)
-        y = torch.nan_to_num(delta) * operator.keep
+        return torch.nan_to_num(delta) * operator.keep
+
+    def reconstruct(self, data: np.ndarray, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, sigma), each (B, E) float64 S/m, for measurements data (B, 2356) or (2356,)."""
+        return self.solve(self.measurements(data, level), level)
+
+    def solve(self, y: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, sigma), each (B, E) float64 S/m, for the level's difference data y (B, 2356) (:meth:`measurements`)."""
+        operator = self.operator(level)
         on_operator(self.model, operator)
         x0 = self.initial_guess(operator, y)
         dtype = next(self.model.parameters()).dtype
@@ -143,5 +153,6 @@ class KTCLearnedReconstructor:
         return self.tank.images(self.reconstruct(data, level)[1])
 
     def labels(self, data: np.ndarray, level: int) -> np.ndarray:
-        x0, sigma = self.reconstruct(data, level)
-        return self.tank.labels(sigma, x0=x0)
+        y = self.measurements(data, level)
+        x0, sigma = self.solve(y, level)
+        return self.tank.labels(sigma, x0=x0, y=y)

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deepunroll.pipeline import load_datasets, load_trained
-from deepunroll.realdata.ktc_sim import KTCDifferenceCEM
+from deepunroll.realdata.ktc_sim import KTCDifferenceCEM, KTCDifferenceX0
 from deepunroll.realdata.pixel_grid import PixelMap
 from deepunroll.train import checkpoint as checkpoints
 
@@ -38,14 +38,23 @@ LOG_FLOOR = 1e-3  # sigma below LOG_FLOOR * sigma_bg counts as LOG_FLOOR * sigma
 
 
 class SegmenterInputs:
-    """Per-element values on a KTC operator's mesh -> the segmenter's input images (B, len(inputs) + 1, n, n)."""
+    """Per-element values on a KTC operator's mesh -> the segmenter's input images (B, n_channels, n, n):
+    ``inputs`` in order, then one linearised reconstruction of the measurements per entry of ``priors``
+    ((prior_std S/m, prior_length m) each, :class:`KTCDifferenceX0`, scaled like x0), then the tank."""
 
-    def __init__(self, operator, inputs=INPUTS, n: int = 64) -> None:
+    def __init__(self, operator, inputs=INPUTS, n: int = 64, priors=()) -> None:
         inputs = tuple(inputs)
         if not inputs or any(name not in INPUTS for name in inputs) or len(set(inputs)) != len(inputs):
             raise ValueError(f"segmenter inputs {list(inputs)}: expected distinct names among {list(INPUTS)}")
+        self.priors = tuple((float(std), float(length)) for std, length in priors)
+        if self.priors and getattr(operator, "level", None) != 1:
+            raise ValueError("segmenter priors: the extra linearised reconstructions need the operator at level 1 "
+                             f"(every electrode; each target's removed rows are read from its y), got level "
+                             f"{getattr(operator, 'level', None)}")
+        self.linearised = [KTCDifferenceX0(std, length) for std, length in self.priors]
         nodes, elements = operator.nodes.cpu().numpy(), operator.elements.cpu().numpy()
-        self.inputs, self.n, self.background = inputs, int(n), float(operator.background)
+        self.operator, self.inputs, self.n = operator, inputs, int(n)
+        self.background = float(operator.background)
         nodal = PixelMap(nodes, elements, n=self.n)
         self.element = PixelMap(nodes, elements, n=self.n, mode="element")
         matrix = nodal.matrix.tocoo()
@@ -55,14 +64,24 @@ class SegmenterInputs:
         inside[nodal.inside] = 1.0
         self.inside = torch.tensor(inside, dtype=torch.float32).view(1, 1, self.n, self.n)
 
-    def __call__(self, sigma: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """(B, C, n, n) float32 of sigma, x0 (B, E) S/m, on sigma's device; differentiable in sigma (the
-        segmenter trained end to end with the network, :func:`train_segmenter`)."""
-        values = {"sigma": lambda: torch.log(sigma.double().clamp(min=LOG_FLOOR * self.background) / self.background),
+    @property
+    def n_channels(self) -> int:
+        """Input images per sample: the inputs, the extra reconstructions, the tank."""
+        return len(self.inputs) + len(self.priors) + 1
+
+    def __call__(self, sigma: torch.Tensor, x0: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, n, n) float32 of sigma, x0 (B, E) S/m (and, with priors, the difference data y (B, 2356) V, a
+        removed row 0), on sigma's device; differentiable in sigma (the segmenter trained end to end with the
+        network, :func:`train_segmenter`)."""
+        if self.priors and y is None:
+            raise ValueError(f"segmenter with {len(self.priors)} extra linearised reconstructions: needs the "
+                             "measurements y")
+        scaled = {"sigma": lambda: torch.log(sigma.double().clamp(min=LOG_FLOOR * self.background) / self.background),
                   "x0": lambda: x0.double().to(sigma.device) / self.background}
+        values = [scaled[name]() for name in self.inputs]
+        values += [step(self.operator, y.double()).to(sigma.device) / self.background for step in self.linearised]
         nodal = self.nodal.to(sigma.device)
-        images = [torch.sparse.mm(nodal, values[name]().T).T.reshape(-1, self.n, self.n).float()
-                  for name in self.inputs]
+        images = [torch.sparse.mm(nodal, value.T).T.reshape(-1, self.n, self.n).float() for value in values]
         inside = self.inside.to(sigma.device).expand(len(images[0]), -1, -1, -1)
         return torch.cat([torch.stack(images, 1), inside], 1)
 
@@ -99,32 +118,35 @@ class TankSegmenter(nn.Module):
 
 
 class KTCSegmentation:
-    """A trained segmenter on a KTC operator's mesh: ``labels(sigma, x0)`` -> (B, 256, 256) uint8 KTC labels."""
+    """A trained segmenter on a KTC operator's mesh: ``labels(sigma, x0, y)`` -> (B, 256, 256) uint8 KTC labels."""
 
-    def __init__(self, operator, segmenter: TankSegmenter, inputs=INPUTS, n: int = 64) -> None:
-        self.features = SegmenterInputs(operator, inputs, n)
+    def __init__(self, operator, segmenter: TankSegmenter, inputs=INPUTS, n: int = 64, priors=()) -> None:
+        self.features = SegmenterInputs(operator, inputs, n, priors)
         self.segmenter = segmenter.eval()
         tank = PixelMap(operator.nodes.cpu().numpy(), operator.elements.cpu().numpy(), mode="element")
         self.tank = torch.zeros(tank.n * tank.n, dtype=torch.bool)
         self.tank[tank.inside] = True
         self.tank = self.tank.view(tank.n, tank.n)
 
-    def labels(self, sigma: torch.Tensor, x0: torch.Tensor) -> np.ndarray:
+    def labels(self, sigma: torch.Tensor, x0: torch.Tensor, y: torch.Tensor | None = None) -> np.ndarray:
+        """Labels of sigma, x0 (B, E) S/m; the difference data y (B, 2356) V are needed with priors."""
         with torch.no_grad():
-            logits = self.segmenter(self.features(sigma, x0))
+            logits = self.segmenter(self.features(sigma, x0, y))
             logits = F.interpolate(logits, size=tuple(self.tank.shape), mode="bilinear", align_corners=False)
         return (logits.argmax(1) * self.tank).numpy().astype(np.uint8)
 
     def to_plain(self, history: list | None = None) -> dict:
         """Checkpoint entry (plain data): weights, settings and the training history."""
         return {"weights": self.segmenter.state_dict(), "inputs": list(self.features.inputs), "grid": self.features.n,
-                "channels": self.segmenter.out.in_channels, "history": list(history or [])}
+                "channels": self.segmenter.out.in_channels, "priors": [list(p) for p in self.features.priors],
+                "history": list(history or [])}
 
     @classmethod
     def from_plain(cls, entry: dict, operator) -> "KTCSegmentation":
-        segmenter = TankSegmenter(len(entry["inputs"]) + 1, int(entry["channels"]))
+        priors = entry.get("priors", [])  # none in models written before the extra reconstructions
+        segmenter = TankSegmenter(len(entry["inputs"]) + len(priors) + 1, int(entry["channels"]))
         segmenter.load_state_dict(entry["weights"])
-        return cls(operator, segmenter, entry["inputs"], int(entry["grid"]))
+        return cls(operator, segmenter, entry["inputs"], int(entry["grid"]), priors)
 
 
 def network_outputs(model: nn.Module, dataset, batch_size: int = 100) -> torch.Tensor:
@@ -137,7 +159,8 @@ def network_outputs(model: nn.Module, dataset, batch_size: int = 100) -> torch.T
 
 def train_segmenter(model: nn.Module, operator, sets: dict, element_classes, inputs=INPUTS, n: int = 64,
                     channels: int = 32, epochs: int = 20, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
-                    progress: bool = True, network_lr: float | None = None) -> tuple[KTCSegmentation, list[dict]]:
+                    progress: bool = True, network_lr: float | None = None,
+                    priors=()) -> tuple[KTCSegmentation, list[dict]]:
     """Train a segmenter on a network's outputs for ``sets`` {"train", "val"} (datasets with y, x0, x).
 
     ``element_classes``: sigma (B, E) -> classes (B, E) (the generator's ``labels``). Adam at ``lr`` with a
@@ -145,30 +168,31 @@ def train_segmenter(model: nn.Module, operator, sets: dict, element_classes, inp
     loss or gradient is not finite is skipped. The network stays frozen unless ``network_lr`` is given: then it
     is trained with the segmenter, end to end for the labels (its own Adam group at ``network_lr``, gradients
     clipped to norm 1), and left with the weights of the lowest validation loss. Returns (the segmentation,
-    history [{epoch, train_ce, val_ce, skipped}])."""
+    history [{epoch, train_ce, val_ce, skipped}]). ``priors``: extra linearised reconstructions of each sample's
+    y as inputs (:class:`SegmenterInputs`)."""
     if int(epochs) < 1:
         raise ValueError(f"segmenter epochs={epochs}: expected >= 1")
     joint = network_lr is not None
-    features = SegmenterInputs(operator, inputs, n)
+    features = SegmenterInputs(operator, inputs, n, priors)
     if joint and "sigma" not in features.inputs:
         raise ValueError("segmenter trained end to end (network_lr): its inputs must include 'sigma'")
     dtype = next(model.parameters()).dtype
     classes = {split: features.classes(element_classes(sets[split].x.double())) for split in ("train", "val")}
     cached = {} if joint else {
         split: features(network_outputs(model, sets[split]) if "sigma" in features.inputs else sets[split].x0.double(),
-                        sets[split].x0) for split in ("train", "val")}
+                        sets[split].x0, sets[split].y) for split in ("train", "val")}
 
     def images(split: str, index) -> torch.Tensor:
         """The segmenter's inputs for samples ``index`` of a split (the network run now when it is trained)."""
         if not joint:
             return cached[split][index]
         ds = sets[split]
-        return features(model(ds.y[index].to(dtype), ds.x0[index].to(dtype)), ds.x0[index])
+        return features(model(ds.y[index].to(dtype), ds.x0[index].to(dtype)), ds.x0[index], ds.y[index])
 
     generator = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng():
         torch.manual_seed(int(seed))
-        segmenter = TankSegmenter(len(features.inputs) + 1, channels)
+        segmenter = TankSegmenter(features.n_channels, channels)
     groups = [{"params": list(segmenter.parameters()), "lr": lr}]
     trained = [segmenter, model] if joint else [segmenter]
     if joint:
@@ -213,17 +237,18 @@ def train_segmenter(model: nn.Module, operator, sets: dict, element_classes, inp
         raise RuntimeError("segmenter training: the validation loss was never finite")
     for module, state in zip(trained, best_state):
         module.load_state_dict(state)
-    return KTCSegmentation(operator, segmenter, features.inputs, n), history
+    return KTCSegmentation(operator, segmenter, features.inputs, n, features.priors), history
 
 
 def add_segmenter(source: str | Path, target: str | Path, inputs=INPUTS, n: int = 64, channels: int = 32,
                   epochs: int = 20, seed: int = 0, settings: dict | None = None, progress: bool = True,
-                  network_lr: float | None = None) -> dict:
+                  network_lr: float | None = None, priors=()) -> dict:
     """Train a segmenter on the network of checkpoint ``source`` (trained on ``data=ktc2023_sim``) and write the
     network with it to ``target`` (:func:`export_model`). The simulated train / val splits are those of the stored
     config (generated if missing), with ``settings`` {dotted key: value} applied, e.g. ``operator.data_root``.
     ``network_lr``: the network is trained on with the segmenter, end to end for the labels, from the checkpoint's
-    weights (:func:`train_segmenter`), and written with its new weights. Returns the segmenter's history."""
+    weights (:func:`train_segmenter`), and written with its new weights; ``priors``: extra linearised
+    reconstructions as inputs (:class:`SegmenterInputs`). Returns the segmenter's history and provenance."""
     source = Path(source)
     if not source.is_file():
         raise FileNotFoundError(f"model checkpoint {source} does not exist")
@@ -231,11 +256,12 @@ def add_segmenter(source: str | Path, target: str | Path, inputs=INPUTS, n: int 
     operator = model.operator
     sets = load_datasets(cfg, operator, splits=("train", "val"))
     segmentation, history = train_segmenter(model, operator, sets, instantiate(cfg.data.generator).labels, inputs, n,
-                                            channels, epochs, seed=seed, progress=progress, network_lr=network_lr)
+                                            channels, epochs, seed=seed, progress=progress, network_lr=network_lr,
+                                            priors=priors)
     state = checkpoints.load(source)
     provenance = {**state.get("provenance", {}),
                   "segmenter": {"source": source.name, "seed": int(seed), "epochs": int(epochs),
-                                "network_lr": network_lr,
+                                "network_lr": network_lr, "priors": [list(p) for p in segmentation.features.priors],
                                 "best_val_ce": min(h["val_ce"] for h in history),
                                 "trained_on": f"{cfg.data.name}: {len(sets['train'])} train / {len(sets['val'])} val"}}
     checkpoints.export_model(source, target, provenance=provenance,

@@ -71,17 +71,27 @@ def end_to_end_name(variant: str) -> str:
     return f"{variant}, end to end"
 
 
-def x0_segmenters(spec: dict) -> dict[str, tuple[str, int]]:
-    """{method: (unit folder, epochs)} of a profile's x0-only segmenters: with segmenter.x0_only, one at
-    segmenter.epochs (:data:`X0_SEGMENTER`), and with segmenter.x0_longer N, another trained for N epochs."""
+def x0_segmenters(spec: dict) -> dict[str, tuple[str, int, list]]:
+    """{method: (unit folder, epochs, priors)} of a profile's segmenters without a network: with
+    segmenter.x0_only, one on x0 at segmenter.epochs (:data:`X0_SEGMENTER`); with segmenter.x0_longer N, another
+    trained for N epochs; with segmenter.x0_priors {epochs, priors}, one that also reads a linearised
+    reconstruction per prior [prior_std, prior_length] (:class:`SegmenterInputs`)."""
     seg = spec.get("segmenter") or {}
     if not seg.get("x0_only"):
         return {}
-    out = {X0_SEGMENTER: ("x0_segmenter", int(seg.get("epochs", 20)))}
+    out = {X0_SEGMENTER: ("x0_segmenter", int(seg.get("epochs", 20)), [])}
     if seg.get("x0_longer"):
-        out[f"{X0_SEGMENTER}, {int(seg['x0_longer'])} epochs"] = (f"x0_segmenter_{int(seg['x0_longer'])}_epochs",
-                                                                  int(seg["x0_longer"]))
+        epochs = int(seg["x0_longer"])
+        out[f"{X0_SEGMENTER}, {epochs} epochs"] = (f"x0_segmenter_{epochs}_epochs", epochs, [])
+    if seg.get("x0_priors"):
+        epochs, priors = int(seg["x0_priors"]["epochs"]), [list(map(float, p)) for p in seg["x0_priors"]["priors"]]
+        out[x0_priors_name(len(priors), epochs)] = (f"x0_priors_segmenter_{epochs}_epochs", epochs, priors)
     return out
+
+
+def x0_priors_name(n_priors: int, epochs: int) -> str:
+    """The method of the segmenter on x0 and ``n_priors`` more linearised reconstructions (no network)."""
+    return f"learned segmentation of x0 and {n_priors} more linearised reconstructions (no network), {epochs} epochs"
 
 
 def no_data_term_name(method: str) -> str:
@@ -117,14 +127,15 @@ def sim_truths(operator, classes: torch.Tensor) -> np.ndarray:
     return np.rint(pixels(classes.double().cpu().numpy())).astype(np.uint8)
 
 
-def _scored(method: str, seed: int, split: str, level: int, truths, sigma, tank, commit: str, x0,
+def _scored(method: str, seed: int, split: str, level: int, truths, sigma, tank, commit: str, x0, y,
             rules=None) -> list[dict]:
-    """Score rows of conductivities sigma (B, E) (and the x0 (B, E) they came from) against truths (B, 256, 256),
-    one per target and rule (``rules``; default every rule ``tank`` can apply)."""
+    """Score rows of conductivities sigma (B, E) (and the x0 (B, E) and difference data y (B, 2356) they came
+    from) against truths (B, 256, 256), one per target and rule (``rules``; default every rule ``tank`` can
+    apply)."""
     return [{"method": method, "seed": seed, "split": split, "level": level, "target": index, "segmentation": rule,
              "score": round(ktc_score(truth, label), 4), "git_commit": commit}
             for rule in (rules or tank.rules())
-            for index, (truth, label) in enumerate(zip(truths, tank.labels(sigma, rule, x0)), start=1)]
+            for index, (truth, label) in enumerate(zip(truths, tank.labels(sigma, rule, x0, y)), start=1)]
 
 
 def baseline_name(cfg) -> str:
@@ -157,40 +168,42 @@ def _score_reconstructor(reconstructor: KTCLearnedReconstructor, method, seed, r
     on_operator(model, trained)
     test = load_datasets(cfg, trained, splits=("test",))["test"]
     sim = slice(0, min(n_sim, len(test)))
-    x0_sim = test.x0[sim].double()
+    x0_sim, y_sim = test.x0[sim].double(), test.y[sim].double()
     with torch.no_grad():
         sigma = x0_sim if x0_only else model(test.y[sim].float(), test.x0[sim].float()).double()
     sim_truth = sim_truths(trained, instantiate(cfg.data.generator).labels(test.x[sim].double()))
-    rows = _scored(method, seed, "sim", 1, sim_truth, sigma, tank, commit, x0_sim, rules)
-    base_rows = _scored(baseline, seed, "sim", 1, sim_truth, x0_sim, tank, commit, x0_sim, OTSU_RULES) \
+    rows = _scored(method, seed, "sim", 1, sim_truth, sigma, tank, commit, x0_sim, y_sim, rules)
+    base_rows = _scored(baseline, seed, "sim", 1, sim_truth, x0_sim, tank, commit, x0_sim, y_sim, OTSU_RULES) \
         if with_baseline else []
     pictures = {method: ([], []), baseline: ([], [])} if with_baseline else {method: ([], [])}
     for level in range(1, ktc2023.N_LEVELS + 1):
-        x0, sigma = reconstructor.reconstruct(load_level(root, level), level)
+        y = reconstructor.measurements(load_level(root, level), level)
+        x0, sigma = reconstructor.solve(y, level)
         outputs = [(method, x0 if x0_only else sigma, rows, primary_rule(rules), rules)]
         if with_baseline:
             outputs.append((baseline, x0, base_rows, primary_rule(OTSU_RULES, baseline=True), OTSU_RULES))
         for name, values, store, rule, name_rules in outputs:
-            store += _scored(name, seed, "measured", level, truths, values, tank, commit, x0, name_rules)
-            pictures[name][0].append(tank.images(values)), pictures[name][1].append(tank.labels(values, rule, x0))
+            store += _scored(name, seed, "measured", level, truths, values, tank, commit, x0, y, name_rules)
+            pictures[name][0].append(tank.images(values)), pictures[name][1].append(tank.labels(values, rule, x0, y))
     return rows, base_rows, {name: (np.stack(i), np.stack(l)) for name, (i, l) in pictures.items()}
 
 
 def trained_segmenter(run_dir: Path, name: str, inputs, spec: dict, seed: int, report_only: bool,
-                      network_lr: float | None = None, epochs: int | None = None) -> Path | None:
+                      network_lr: float | None = None, epochs: int | None = None, priors=()) -> Path | None:
     """The run's network with a segmenter reading ``inputs``, trained once into run_dir/<name>/ (a claimed unit:
     workers share them); None while another process trains it, or in report_only mode before it exists.
     ``network_lr``: the network is trained on with it, end to end (:func:`add_segmenter`); ``epochs``: default
-    the profile's segmenter.epochs."""
+    the profile's segmenter.epochs; ``priors``: extra linearised reconstructions it reads."""
     unit = run_dir / name
     target = unit / "model.pt"
 
     def work() -> dict:
         how = "frozen" if network_lr is None else f"trained on at lr {network_lr:g}"
-        print(f"{name}: training on the outputs of {run_dir.name} (inputs {', '.join(inputs)}; network {how})")
+        extra = f" and {len(priors)} more linearised reconstructions" if priors else ""
+        print(f"{name}: training on the outputs of {run_dir.name} (inputs {', '.join(inputs)}{extra}; network {how})")
         return add_segmenter(run_dir / "checkpoints" / "best.pt", target, inputs,
                              epochs=int(epochs or spec["segmenter"].get("epochs", 20)), seed=seed,
-                             network_lr=network_lr)
+                             network_lr=network_lr, priors=priors)
 
     return target if run_claimed(unit, work, report_only) is not None else None
 
@@ -280,8 +293,9 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
             run_rows, base_rows, run_pictures = score_run(model_path, method, seed, root, truths, spec["sim_samples"],
                                                           result["git_commit"], baselines)
             rows += run_rows
-            for x0_method, (unit, epochs) in (x0_segmenters(spec) if method in segmenting[:1] else {}).items():
-                x0_model = trained_segmenter(run_dir, unit, ("x0",), spec, seed, report_only, epochs=epochs)
+            for x0_method, (unit, epochs, priors) in (x0_segmenters(spec) if method in segmenting[:1] else {}).items():
+                x0_model = trained_segmenter(run_dir, unit, ("x0",), spec, seed, report_only, epochs=epochs,
+                                             priors=priors)
                 if x0_model is not None:
                     x0_rows, _, x0_pictures = score_run(x0_model, x0_method, seed, root, truths, spec["sim_samples"],
                                                         result["git_commit"], rules=("learned",), x0_only=True)
