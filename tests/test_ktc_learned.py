@@ -136,6 +136,7 @@ def test_ship_exports_the_variants_network_and_segmenter_with_provenance(tiny_st
     provenance = state["provenance"]
     assert provenance["variant"] == "post-processing" and provenance["seed"] == 0
     assert provenance["segmentation"] == "learned" and "cross-entropy of the segmenter" in provenance["chosen_by"]
+    assert provenance["chosen_by"].startswith("highest measured total of the candidate methods")  # ship.method_by
     assert provenance["segmenter"]["epochs"] == 1 and provenance["segmenter"]["trained_on"].endswith("8 val")
     measured = sum(r["score"] for r in rows if r["method"] == "post-processing" and r["split"] == "measured"
                    and r["segmentation"] == "learned")

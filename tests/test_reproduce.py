@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, run_tiny, untimed
 from deepunroll.studies import common, rma
 from deepunroll.studies.common import load_profile
+from deepunroll.validation import ConfigError
 
 NETWORKS = ["LPGD", "LPGD-RMA"]
 
@@ -145,3 +146,37 @@ def test_ktc_own_level_set_reads_each_level_from_its_own_network():
     assert line == ("- per level, log_otsu: measured total 11.200 +- 0.000 over 1 seed(s); per level (seed mean) "
                     "0.400 / 0.800 / 1.200 / 1.600 / 2.000 / 2.400 / 2.800; above our replication of the reference "
                     "method on 7 of 7 levels")
+
+
+def test_ktc_x0_priors_entry_is_checked_and_named():
+    """study=ktc2023_learned segmenter.x0_priors: a well-formed entry becomes its own method and unit; an entry
+    without priors, with 0 epochs or a non-positive prior is one ConfigError naming segmenter.x0_priors."""
+    from deepunroll.studies.ktc2023_learned import x0_priors_name, x0_segmenters
+
+    priors = {"epochs": 30, "priors": [[0.05, 0.03], [0.5, 1]]}
+    spec = {"segmenter": {"x0_only": True, "epochs": 15, "x0_priors": priors}}
+    methods = x0_segmenters(spec)
+    assert methods[x0_priors_name(2, 30)] == ("x0_priors_segmenter_30_epochs", 30, [[0.05, 0.03], [0.5, 1.0]])
+    assert x0_priors_name(1, 2) == ("learned segmentation of x0 and 1 more linearised reconstruction (no network), "
+                                    "2 epochs")
+    for bad in ({"epochs": 3}, {"epochs": 0, "priors": [[1, 1]]}, {"epochs": 2, "priors": [[1, -1]]},
+                {"epochs": 2, "priors": [[1]]}, 5):
+        with pytest.raises(ConfigError, match=r"segmenter.x0_priors=.*expected \{epochs: N >= 1, priors"):
+            x0_segmenters({"segmenter": {"x0_only": True, "x0_priors": bad}})
+
+
+def test_ktc_ship_choice_by_simulation_or_by_the_measured_files():
+    """study=ktc2023_learned ship: by sim_val the lowest simulated validation loss wins (method b, seed 0); by
+    measured the method of the highest measured seed mean (a: 20.5 against 19.5), then its seed of the lowest
+    loss (seed 1, though seed 0 scored higher on the measured files)."""
+    from deepunroll.studies.ktc2023_learned import ship_choice
+
+    totals = {("a", 0): 21.0, ("a", 1): 20.0, ("b", 0): 19.0, ("b", 1): 20.0}
+    rows = [{"method": name, "seed": seed, "split": "measured", "level": 1, "segmentation": "learned",
+             "score": total} for (name, seed), total in totals.items()]
+    rows += [dict(row, split="sim", score=0.5) for row in rows]
+    best_val = {("a", 0): 0.05, ("a", 1): 0.04, ("b", 0): 0.03, ("b", 1): 0.035}
+    assert ship_choice(best_val, rows, "sim_val", "lowest loss") == ("b", 0, "lowest loss")
+    name, seed, how = ship_choice(best_val, rows, "measured", "lowest loss")
+    assert (name, seed) == ("a", 1) and how.startswith("highest measured total of the candidate methods (seed mean "
+                                                       "20.500") and how.endswith("then its seed of the lowest loss")

@@ -7,6 +7,8 @@ n x n grid of the tank (nodal images, :class:`PixelMap`), are
 
 * ``sigma``: the network's log contrast log(sigma / sigma_bg) (floored at 1e-3 sigma_bg);
 * ``x0``: the linearised step's change x0 / sigma_bg (it shows the level's artefacts);
+* optionally (``priors``), more linearised reconstructions of the same measurements with other smoothness priors
+  (prior std, correlation length), scaled like x0;
 * always the tank's indicator (1 inside the disk).
 
 It outputs three class logits per pixel. It is trained with cross-entropy against the simulated targets' classes

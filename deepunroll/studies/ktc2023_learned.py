@@ -25,7 +25,8 @@ for each listed variant's runs a segmenter is trained on the frozen network's si
 ``segmenter/model.pt``), scored as the rule ``learned`` next to the Otsu rules; with ``x0_only`` the same
 segmenter reading only the linearised x0 (no network; ``x0_segmenter/`` of the first listed variant's runs, on
 their data) is a method of its own, so the network's share in the learned labels is measured (``x0_longer`` N:
-another one trained for N epochs, ``x0_segmenter_N_epochs/``). Its
+another one trained for N epochs, ``x0_segmenter_N_epochs/``; ``x0_priors`` {epochs, priors}: one that also
+reads a linearised reconstruction per [prior_std, prior_length], ``x0_priors_segmenter_N_epochs/``). Its
 ``end_to_end`` entry {variants, network_lr} trains, for those variants' runs, the network on from its weights
 together with a new segmenter, for the labels (cross-entropy through the network; ``joint_segmenter/``), as the
 method "<variant>, end to end", with the same number of segmenter epochs as the frozen one; where that network
@@ -64,6 +65,7 @@ COLUMNS = ["method", "seed", "split", "level", "target", "segmentation", "score"
 # (every rule's totals are in the table)
 PRIMARY = {"baseline": "otsu", "network": "log_otsu", "segmented": "learned"}
 X0_SEGMENTER = "learned segmentation of x0 (no network)"
+SHIP_RULES = ("sim_val", "measured")  # ship.method_by: how the shipped model's method is chosen (:func:`ship_choice`)
 
 
 def end_to_end_name(variant: str) -> str:
@@ -84,14 +86,28 @@ def x0_segmenters(spec: dict) -> dict[str, tuple[str, int, list]]:
         epochs = int(seg["x0_longer"])
         out[f"{X0_SEGMENTER}, {epochs} epochs"] = (f"x0_segmenter_{epochs}_epochs", epochs, [])
     if seg.get("x0_priors"):
-        epochs, priors = int(seg["x0_priors"]["epochs"]), [list(map(float, p)) for p in seg["x0_priors"]["priors"]]
+        epochs, priors = x0_priors_of(seg["x0_priors"])
         out[x0_priors_name(len(priors), epochs)] = (f"x0_priors_segmenter_{epochs}_epochs", epochs, priors)
     return out
 
 
+def x0_priors_of(entry) -> tuple[int, list[list[float]]]:
+    """(epochs, priors) of a segmenter.x0_priors entry {epochs: N >= 1, priors: [[prior_std, prior_length], ...]},
+    both positive; ConfigError naming the entry otherwise."""
+    try:
+        epochs, priors = int(entry["epochs"]), [[float(std), float(length)] for std, length in entry["priors"]]
+    except (KeyError, TypeError, ValueError):
+        priors, epochs = [], 0
+    if epochs < 1 or not priors or not all(std > 0 and length > 0 for std, length in priors):
+        raise ConfigError(f"segmenter.x0_priors={entry}: expected {{epochs: N >= 1, priors: [[prior_std, "
+                          "prior_length], ...]} with positive numbers")
+    return epochs, priors
+
+
 def x0_priors_name(n_priors: int, epochs: int) -> str:
     """The method of the segmenter on x0 and ``n_priors`` more linearised reconstructions (no network)."""
-    return f"learned segmentation of x0 and {n_priors} more linearised reconstructions (no network), {epochs} epochs"
+    noun = "reconstruction" if n_priors == 1 else "reconstructions"
+    return f"learned segmentation of x0 and {n_priors} more linearised {noun} (no network), {epochs} epochs"
 
 
 def no_data_term_name(method: str) -> str:
@@ -222,7 +238,9 @@ def ship(spec: dict, profile: str, runs: dict, curves: dict, rows: list[dict], o
     """Export one of ``spec['ship']['candidates']`` (variants, or :data:`X0_SEGMENTER`) x seeds to
     ``spec['ship']['to']`` (under out_dir), with its provenance: the one with the lowest simulated validation loss
     of its last stage (the segmenter's cross-entropy when every candidate has a segmenter, else the network's
-    MSE); all candidates share the simulated data. None (nothing written) until every candidate is done."""
+    MSE; all candidates share the simulated data), or with ``ship.method_by: measured`` the seed of lowest loss
+    of the method with the highest measured total (:func:`ship_choice`). None (nothing written) until every
+    candidate is done."""
     candidates, target = list(spec["ship"]["candidates"]), out_dir / spec["ship"]["to"]
     known = methods_of(spec)
     if not candidates or any(name not in known for name in candidates):
@@ -241,7 +259,7 @@ def ship(spec: dict, profile: str, runs: dict, curves: dict, rows: list[dict], o
     else:
         raise ConfigError(f"ktc2023_learned profile {profile}: ship.candidates mix networks with and without a "
                           "segmenter; their validation losses do not compare")
-    name, seed = min(best_val, key=best_val.get)
+    name, seed, chosen_by = ship_choice(best_val, rows, spec["ship"].get("method_by", "sim_val"), chosen_by)
     rule = primary_rule(rules_of(rows, name))
     measured = _totals(rows, name, seed, rule)
     export_model(done[name, seed], target, SHIPPED_SETTINGS, {
@@ -250,6 +268,22 @@ def ship(spec: dict, profile: str, runs: dict, curves: dict, rows: list[dict], o
         "segmentation": rule, "measured_total": measured["total"],
         "measured_levels": [measured[level] for level in range(1, ktc2023.N_LEVELS + 1)]})
     return target
+
+
+def ship_choice(best_val: dict, rows: list[dict], method_by: str, val_rule: str) -> tuple[str, int, str]:
+    """(method, seed, how it was chosen) of the shipped model among ``best_val`` {(method, seed): simulated
+    validation loss}. ``method_by`` sim_val: the lowest loss over methods and seeds (``val_rule`` names it);
+    measured: the method of the highest measured total (seed mean, its primary rule; the public training levels,
+    so not held out), then its seed of the lowest loss, so the measured files do not pick the seed."""
+    if method_by == "sim_val":
+        return (*min(best_val, key=best_val.get), val_rule)
+    totals = {}
+    for name, seed in best_val:
+        totals.setdefault(name, []).append(_totals(rows, name, seed, primary_rule(rules_of(rows, name)))["total"])
+    method = max(totals, key=lambda name: np.mean(totals[name]))
+    seed = min((key for key in best_val if key[0] == method), key=best_val.get)[1]
+    return method, seed, (f"highest measured total of the candidate methods (seed mean {np.mean(totals[method]):.3f}, "
+                          f"public training levels: not held out), then its seed of the {val_rule}")
 
 
 def checkpoint_provenance(path: Path) -> dict:
@@ -267,6 +301,9 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
         if len(pair) != 2 or any(name not in methods_of(spec) for name in pair):
             raise ConfigError(f"ktc2023_learned profile {profile}: compare entry {pair} must name two of its methods "
                               f"({', '.join(methods_of(spec))})")
+    if (spec.get("ship") or {}).get("method_by", "sim_val") not in SHIP_RULES:
+        raise ConfigError(f"ktc2023_learned profile {profile}: ship.method_by={spec['ship']['method_by']!r}: "
+                          f"expected one of {', '.join(SHIP_RULES)}")
     segmenting, joint = list((spec.get("segmenter") or {}).get("variants", [])), end_to_end_variants(spec)
     for key, names in (("variants", segmenting), ("end_to_end.variants", joint)):
         unknown = [name for name in names if name not in spec["variants"]]
