@@ -176,7 +176,7 @@ def test_ktc_ship_choice_by_simulation_or_by_the_measured_files():
              "score": total} for (name, seed), total in totals.items()]
     rows += [dict(row, split="sim", score=0.5) for row in rows]
     best_val = {("a", 0): 0.05, ("a", 1): 0.04, ("b", 0): 0.03, ("b", 1): 0.035}
-    assert ship_choice(best_val, rows, "sim_val", "lowest loss") == ("b", 0, "lowest loss")
-    name, seed, how = ship_choice(best_val, rows, "measured", "lowest loss")
+    assert ship_choice(best_val, rows, "sim_val", "loss") == ("b", 0, "lowest loss over candidates and seeds")
+    name, seed, how = ship_choice(best_val, rows, "measured", "loss")
     assert (name, seed) == ("a", 1) and how.startswith("highest measured total of the candidate methods (seed mean "
                                                        "20.500") and how.endswith("then its seed of the lowest loss")

@@ -252,14 +252,14 @@ def ship(spec: dict, profile: str, runs: dict, curves: dict, rows: list[dict], o
     segmented = {key: "segmenter" in checkpoint_provenance(path) for key, path in done.items()}
     if all(segmented.values()):
         best_val = {key: float(checkpoint_provenance(path)["segmenter"]["best_val_ce"]) for key, path in done.items()}
-        chosen_by = "lowest simulated validation cross-entropy of the segmenter over candidates and seeds"
+        loss = "simulated validation cross-entropy of the segmenter"
     elif not any(segmented.values()):
         best_val = {key: float(min(curves[key])) for key in done}
-        chosen_by = "lowest simulated validation MSE over candidates and seeds"
+        loss = "simulated validation MSE"
     else:
         raise ConfigError(f"ktc2023_learned profile {profile}: ship.candidates mix networks with and without a "
                           "segmenter; their validation losses do not compare")
-    name, seed, chosen_by = ship_choice(best_val, rows, spec["ship"].get("method_by", "sim_val"), chosen_by)
+    name, seed, chosen_by = ship_choice(best_val, rows, spec["ship"].get("method_by", "sim_val"), loss)
     rule = primary_rule(rules_of(rows, name))
     measured = _totals(rows, name, seed, rule)
     export_model(done[name, seed], target, SHIPPED_SETTINGS, {
@@ -270,20 +270,20 @@ def ship(spec: dict, profile: str, runs: dict, curves: dict, rows: list[dict], o
     return target
 
 
-def ship_choice(best_val: dict, rows: list[dict], method_by: str, val_rule: str) -> tuple[str, int, str]:
+def ship_choice(best_val: dict, rows: list[dict], method_by: str, loss: str) -> tuple[str, int, str]:
     """(method, seed, how it was chosen) of the shipped model among ``best_val`` {(method, seed): simulated
-    validation loss}. ``method_by`` sim_val: the lowest loss over methods and seeds (``val_rule`` names it);
+    validation loss} (``loss`` names it). ``method_by`` sim_val: the lowest loss over methods and seeds;
     measured: the method of the highest measured total (seed mean, its primary rule; the public training levels,
     so not held out), then its seed of the lowest loss, so the measured files do not pick the seed."""
     if method_by == "sim_val":
-        return (*min(best_val, key=best_val.get), val_rule)
+        return (*min(best_val, key=best_val.get), f"lowest {loss} over candidates and seeds")
     totals = {}
     for name, seed in best_val:
         totals.setdefault(name, []).append(_totals(rows, name, seed, primary_rule(rules_of(rows, name)))["total"])
     method = max(totals, key=lambda name: np.mean(totals[name]))
     seed = min((key for key in best_val if key[0] == method), key=best_val.get)[1]
     return method, seed, (f"highest measured total of the candidate methods (seed mean {np.mean(totals[method]):.3f}, "
-                          f"public training levels: not held out), then its seed of the {val_rule}")
+                          f"public training levels: not held out), then its seed of the lowest {loss}")
 
 
 def checkpoint_provenance(path: Path) -> dict:
