@@ -18,7 +18,8 @@ results/ktc2023_learned_<profile>.{csv,md} and figures/ktc2023_learned_<profile>
 targets). Per level, the seeds' mean is set against our replication of the organisers' reference method (its
 settings on our mesh, :func:`ktc2023_levels.score_variant`). A profile's ``ship`` entry exports one model (weights,
 config, segmenter) for scripts/ktc2023.py: of its candidates x seeds, the one with the lowest simulated
-validation loss, so the measured files do not pick it.
+validation loss, so the measured files do not pick it, or (``method_by: measured``) the method of the highest
+measured total, then its seed of the lowest simulated validation loss (:func:`ship_choice`).
 
 A profile's ``segmenter`` entry {variants, epochs, x0_only} adds the learned segmentation (:mod:`ktc_segmenter`):
 for each listed variant's runs a segmenter is trained on the frozen network's simulated outputs (the run's
