@@ -40,16 +40,18 @@ def test_tiny_study_scores_every_level_and_writes_table_and_figures(tiny_study):
     joint = ktc2023_learned.end_to_end_name("post-processing")
     longer = f"{x0_only}, 2 epochs"  # segmenter.x0_longer
     priors = ktc2023_learned.x0_priors_name(1, 1)  # segmenter.x0_priors
-    assert methods == {baseline_name, "unrolled LPGD-RMA", "post-processing", x0_only, longer, priors, joint}
+    more_data = ktc2023_learned.x0_data_name(1, 48)  # segmenter.x0_data
+    assert methods == {baseline_name, "unrolled LPGD-RMA", "post-processing", x0_only, longer, priors, more_data, joint}
     rules = {baseline_name: {"otsu", "log_otsu"}, "unrolled LPGD-RMA": {"otsu", "log_otsu"},
              "post-processing": {"otsu", "log_otsu", "learned"}, x0_only: {"learned"}, longer: {"learned"},
-             priors: {"learned"}, joint: {"otsu", "log_otsu", "learned"}}
+             priors: {"learned"}, more_data: {"learned"}, joint: {"otsu", "log_otsu", "learned"}}
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         assert {r["segmentation"] for r in mine} == rules[method]
         for rule in rules[method]:
             ruled = [r for r in mine if r["segmentation"] == rule]
             assert sum(r["split"] == "measured" for r in ruled) == 28 and sum(r["split"] == "sim" for r in ruled) == 4
+            assert sum(r["split"] == "twin" for r in ruled) == 28
         assert all(-1.0 <= r["score"] <= 1.0 for r in mine)
     baseline = sum(r["score"] for r in rows if r["method"] == baseline_name and r["split"] == "measured"
                    and r["segmentation"] == "otsu")
@@ -61,7 +63,8 @@ def test_tiny_study_scores_every_level_and_writes_table_and_figures(tiny_study):
         assert (out / "figures" / f"ktc2023_learned_tiny_{name}.png").stat().st_size > 10_000
     assert "unrolled LPGD-RMA vs post-processing, log_otsu: measured total" in table
     assert "unrolled LPGD-RMA vs post-processing, learned" not in table  # the unrolled one has no segmenter here
-    assert "| total otsu | total log_otsu | total learned |" in table and "- post-processing, learned: measured" in table
+    assert "| total otsu | total log_otsu | total learned | twin total |" in table
+    assert "- post-processing, learned: measured total" in table and ", twin total " in table
 
 def test_unrolled_network_reads_the_measured_data_and_post_processing_does_not(tiny_study):
     """On measured level-3 data: zeroing the data term changes the unrolled network's output, and leaves the
@@ -154,7 +157,8 @@ def test_ship_exports_the_variants_network_and_segmenter_with_provenance(tiny_st
 def test_end_to_end_unit_writes_the_network_trained_on(tiny_study):
     """The tiny profile's end-to-end unit (post-processing): the network in joint_segmenter/model.pt is the run's
     trained on (other weights, the same tensors), its provenance records the network's learning rate, and it is
-    scored as a method of its own in the table. The longer x0-only segmenter is a unit of its own too."""
+    scored as a method of its own in the table. The longer x0-only segmenter is a unit of its own too, and so is the
+    one trained on more simulated targets (its provenance says how many; its config keeps the run's test split)."""
     from deepunroll.train.checkpoint import load
 
     out, _ = tiny_study
@@ -165,6 +169,9 @@ def test_end_to_end_unit_writes_the_network_trained_on(tiny_study):
     assert "| post-processing, end to end | 0 | learned |" in (out / "results" / "ktc2023_learned_tiny.md").read_text()
     longer = load(run / "x0_segmenter_2_epochs" / "model.pt")["segmenter"]  # segmenter.x0_longer: its own unit
     assert len(longer["history"]) == 2 and longer["inputs"] == ["x0"]
+    more_data = load(run / "x0_segmenter_1_epochs_48_train" / "model.pt")  # segmenter.x0_data: 48 targets, not 32
+    assert more_data["provenance"]["segmenter"]["trained_on"] == "ktc2023_sim: 48 train / 8 val"
+    assert more_data["config"]["config"]["data"]["splits"]["train"] == 32  # scored on the run's own test split
 
 
 def test_segmenter_reads_linearised_reconstructions_with_other_priors(tiny_study):

@@ -156,13 +156,26 @@ def test_ktc_x0_priors_entry_is_checked_and_named():
     priors = {"epochs": 30, "priors": [[0.05, 0.03], [0.5, 1]]}
     spec = {"segmenter": {"x0_only": True, "epochs": 15, "x0_priors": priors}}
     methods = x0_segmenters(spec)
-    assert methods[x0_priors_name(2, 30)] == ("x0_priors_segmenter_30_epochs", 30, [[0.05, 0.03], [0.5, 1.0]])
+    assert methods[x0_priors_name(2, 30)] == ("x0_priors_segmenter_30_epochs", 30, [[0.05, 0.03], [0.5, 1.0]], None)
     assert x0_priors_name(1, 2) == ("learned segmentation of x0 and 1 more linearised reconstruction (no network), "
                                     "2 epochs")
     for bad in ({"epochs": 3}, {"epochs": 0, "priors": [[1, 1]]}, {"epochs": 2, "priors": [[1, -1]]},
                 {"epochs": 2, "priors": [[1]]}, 5):
         with pytest.raises(ConfigError, match=r"segmenter.x0_priors=.*expected \{epochs: N >= 1, priors"):
             x0_segmenters({"segmenter": {"x0_only": True, "x0_priors": bad}})
+
+
+def test_ktc_x0_data_entry_is_checked_and_named():
+    """study=ktc2023_learned segmenter.x0_data {epochs, train}: its own method, unit and number of simulated training
+    targets; a missing, zero or non-numeric field is one ConfigError naming segmenter.x0_data."""
+    from deepunroll.studies.ktc2023_learned import x0_data_name, x0_segmenters
+
+    methods = x0_segmenters({"segmenter": {"x0_only": True, "x0_data": {"epochs": 30, "train": 3000}}})
+    name = "learned segmentation of x0 (no network), 30 epochs, 3000 simulated targets"
+    assert x0_data_name(30, 3000) == name and methods[name] == ("x0_segmenter_30_epochs_3000_train", 30, [], 3000)
+    for bad in ({"epochs": 3}, {"epochs": 0, "train": 10}, {"epochs": 2, "train": "many"}, 5):
+        with pytest.raises(ConfigError, match=r"segmenter.x0_data=.*expected \{epochs: N >= 1, train: M >= 1\}"):
+            x0_segmenters({"segmenter": {"x0_only": True, "x0_data": bad}})
 
 
 def test_ktc_ship_choice_by_simulation_or_by_the_measured_files():

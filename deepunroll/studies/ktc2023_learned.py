@@ -27,7 +27,8 @@ for each listed variant's runs a segmenter is trained on the frozen network's si
 segmenter reading only the linearised x0 (no network; ``x0_segmenter/`` of the first listed variant's runs, on
 their data) is a method of its own, so the network's share in the learned labels is measured (``x0_longer`` N:
 another one trained for N epochs, ``x0_segmenter_N_epochs/``; ``x0_priors`` {epochs, priors}: one that also
-reads a linearised reconstruction per [prior_std, prior_length], ``x0_priors_segmenter_N_epochs/``). Its
+reads a linearised reconstruction per [prior_std, prior_length], ``x0_priors_segmenter_N_epochs/``;
+``x0_data`` {epochs, train}: one on x0 trained on more simulated targets, ``x0_segmenter_N_epochs_M_train/``). Its
 ``end_to_end`` entry {variants, network_lr} trains, for those variants' runs, the network on from its weights
 together with a new segmenter, for the labels (cross-entropy through the network; ``joint_segmenter/``), as the
 method "<variant>, end to end", with the same number of segmenter epochs as the frozen one; where that network
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +52,7 @@ from deepunroll.pipeline import load_datasets
 from deepunroll.realdata import ktc2023
 from deepunroll.realdata.ktc_learned import OTSU_RULES, SEGMENTATIONS, KTCLearnedReconstructor, on_operator
 from deepunroll.realdata.ktc_segmenter import add_segmenter
+from deepunroll.realdata.ktc_twin import TankTwin
 from deepunroll.realdata.pixel_grid import PixelMap
 from deepunroll.record import git_commit
 from deepunroll.studies.common import (load_profile, markdown_table, measured_data_root, paired, run_ablation,
@@ -67,6 +70,7 @@ COLUMNS = ["method", "seed", "split", "level", "target", "segmentation", "score"
 PRIMARY = {"baseline": "otsu", "network": "log_otsu", "segmented": "learned"}
 X0_SEGMENTER = "learned segmentation of x0 (no network)"
 SHIP_RULES = ("sim_val", "measured")  # ship.method_by: how the shipped model's method is chosen (:func:`ship_choice`)
+_TWINS: dict[tuple, TankTwin] = {}  # the measured targets' twin, fitted once per data folder and simulator
 
 
 def end_to_end_name(variant: str) -> str:
@@ -74,22 +78,52 @@ def end_to_end_name(variant: str) -> str:
     return f"{variant}, end to end"
 
 
-def x0_segmenters(spec: dict) -> dict[str, tuple[str, int, list]]:
-    """{method: (unit folder, epochs, priors)} of a profile's segmenters without a network: with
-    segmenter.x0_only, one on x0 at segmenter.epochs (:data:`X0_SEGMENTER`); with segmenter.x0_longer N, another
-    trained for N epochs; with segmenter.x0_priors {epochs, priors}, one that also reads a linearised
-    reconstruction per prior [prior_std, prior_length] (:class:`SegmenterInputs`)."""
+class X0Unit(NamedTuple):
+    """A segmenter without a network: its unit folder, epochs, extra priors [[prior_std, prior_length], ...] and
+    number of simulated training targets (None: the run's dataset's)."""
+    unit: str
+    epochs: int
+    priors: list
+    train: int | None = None
+
+
+def x0_segmenters(spec: dict) -> dict[str, X0Unit]:
+    """{method: :class:`X0Unit`} of a profile's segmenters without a network: with segmenter.x0_only, one on x0 at
+    segmenter.epochs (:data:`X0_SEGMENTER`); with segmenter.x0_longer N, another trained for N epochs; with
+    segmenter.x0_priors {epochs, priors}, one that also reads a linearised reconstruction per prior [prior_std,
+    prior_length] (:class:`SegmenterInputs`); with segmenter.x0_data {epochs, train}, one on x0 trained on
+    ``train`` simulated targets (the run's dataset regenerated with data.splits.train = train)."""
     seg = spec.get("segmenter") or {}
     if not seg.get("x0_only"):
         return {}
-    out = {X0_SEGMENTER: ("x0_segmenter", int(seg.get("epochs", 20)), [])}
+    out = {X0_SEGMENTER: X0Unit("x0_segmenter", int(seg.get("epochs", 20)), [])}
     if seg.get("x0_longer"):
         epochs = int(seg["x0_longer"])
-        out[f"{X0_SEGMENTER}, {epochs} epochs"] = (f"x0_segmenter_{epochs}_epochs", epochs, [])
+        out[f"{X0_SEGMENTER}, {epochs} epochs"] = X0Unit(f"x0_segmenter_{epochs}_epochs", epochs, [])
     if seg.get("x0_priors"):
         epochs, priors = x0_priors_of(seg["x0_priors"])
-        out[x0_priors_name(len(priors), epochs)] = (f"x0_priors_segmenter_{epochs}_epochs", epochs, priors)
+        out[x0_priors_name(len(priors), epochs)] = X0Unit(f"x0_priors_segmenter_{epochs}_epochs", epochs, priors)
+    if seg.get("x0_data"):
+        epochs, train = x0_data_of(seg["x0_data"])
+        out[x0_data_name(epochs, train)] = X0Unit(f"x0_segmenter_{epochs}_epochs_{train}_train", epochs, [], train)
     return out
+
+
+def x0_data_of(entry) -> tuple[int, int]:
+    """(epochs, train) of a segmenter.x0_data entry {epochs: N >= 1, train: M >= 1}; ConfigError naming it else."""
+    try:
+        epochs, train = int(entry["epochs"]), int(entry["train"])
+    except (KeyError, TypeError, ValueError):
+        epochs, train = 0, 0
+    if epochs < 1 or train < 1:
+        raise ConfigError(f"segmenter.x0_data={entry}: expected {{epochs: N >= 1, train: M >= 1}} (M simulated "
+                          "training targets)")
+    return epochs, train
+
+
+def x0_data_name(epochs: int, train: int) -> str:
+    """The method of the segmenter on x0 alone trained on ``train`` simulated targets for ``epochs`` epochs."""
+    return f"{X0_SEGMENTER}, {epochs} epochs, {train} simulated targets"
 
 
 def x0_priors_of(entry) -> tuple[int, list[list[float]]]:
@@ -175,9 +209,19 @@ def score_run(model_path: Path, method: str, seed: int, root: Path, truths: np.n
                                     rules or tank.rules(), x0_only)
 
 
+def measured_twin(reconstructor: KTCLearnedReconstructor, root: Path, truths: np.ndarray) -> TankTwin:
+    """The twin (:class:`TankTwin`) of the measured training targets on the model's simulator: its level-1
+    operator (mesh, background, contact impedance), fitted to the measured level-1 data once per simulator."""
+    operator = reconstructor.operator(1)
+    key = (str(root), operator.h0, operator.background, tuple(operator.cem.contact_impedance.tolist()))
+    if key not in _TWINS:
+        _TWINS[key] = TankTwin(operator, truths, reconstructor.measurements(load_level(root, 1), 1))
+    return _TWINS[key]
+
+
 def _score_reconstructor(reconstructor: KTCLearnedReconstructor, method, seed, root, truths, n_sim, commit,
                          scored_baselines, rules, x0_only):
-    """:func:`score_run` of a loaded model."""
+    """:func:`score_run` of a loaded model: the simulated test split, the measured levels and their twin."""
     cfg, model, tank = reconstructor.cfg, reconstructor.model, reconstructor.tank
     baseline = baseline_name(cfg)
     with_baseline = baseline not in scored_baselines and not x0_only
@@ -193,33 +237,42 @@ def _score_reconstructor(reconstructor: KTCLearnedReconstructor, method, seed, r
     base_rows = _scored(baseline, seed, "sim", 1, sim_truth, x0_sim, tank, commit, x0_sim, y_sim, OTSU_RULES) \
         if with_baseline else []
     pictures = {method: ([], []), baseline: ([], [])} if with_baseline else {method: ([], [])}
+    twin = measured_twin(reconstructor, root, truths)
     for level in range(1, ktc2023.N_LEVELS + 1):
-        y = reconstructor.measurements(load_level(root, level), level)
-        x0, sigma = reconstructor.solve(y, level)
-        outputs = [(method, x0 if x0_only else sigma, rows, primary_rule(rules), rules)]
-        if with_baseline:
-            outputs.append((baseline, x0, base_rows, primary_rule(OTSU_RULES, baseline=True), OTSU_RULES))
-        for name, values, store, rule, name_rules in outputs:
-            store += _scored(name, seed, "measured", level, truths, values, tank, commit, x0, y, name_rules)
-            pictures[name][0].append(tank.images(values)), pictures[name][1].append(tank.labels(values, rule, x0, y))
+        for split, y in (("measured", reconstructor.measurements(load_level(root, level), level)),
+                         ("twin", twin.data(level))):
+            x0, sigma = reconstructor.solve(y, level)
+            outputs = [(method, x0 if x0_only else sigma, rows, primary_rule(rules), rules)]
+            if with_baseline:
+                outputs.append((baseline, x0, base_rows, primary_rule(OTSU_RULES, baseline=True), OTSU_RULES))
+            for name, values, store, rule, name_rules in outputs:
+                store += _scored(name, seed, split, level, truths, values, tank, commit, x0, y, name_rules)
+                if split == "measured":
+                    pictures[name][0].append(tank.images(values))
+                    pictures[name][1].append(tank.labels(values, rule, x0, y))
     return rows, base_rows, {name: (np.stack(i), np.stack(l)) for name, (i, l) in pictures.items()}
 
 
 def trained_segmenter(run_dir: Path, name: str, inputs, spec: dict, seed: int, report_only: bool,
-                      network_lr: float | None = None, epochs: int | None = None, priors=()) -> Path | None:
+                      network_lr: float | None = None, epochs: int | None = None, priors=(),
+                      train: int | None = None) -> Path | None:
     """The run's network with a segmenter reading ``inputs``, trained once into run_dir/<name>/ (a claimed unit:
     workers share them); None while another process trains it, or in report_only mode before it exists.
     ``network_lr``: the network is trained on with it, end to end (:func:`add_segmenter`); ``epochs``: default
-    the profile's segmenter.epochs; ``priors``: extra linearised reconstructions it reads."""
+    the profile's segmenter.epochs; ``priors``: extra linearised reconstructions it reads; ``train``: simulated
+    training targets (default: the run's dataset's)."""
     unit = run_dir / name
     target = unit / "model.pt"
 
     def work() -> dict:
         how = "frozen" if network_lr is None else f"trained on at lr {network_lr:g}"
         extra = f" and {len(priors)} more linearised reconstructions" if priors else ""
-        print(f"{name}: training on the outputs of {run_dir.name} (inputs {', '.join(inputs)}{extra}; network {how})")
+        data = f"; {train} simulated training targets" if train else ""
+        print(f"{name}: training on the outputs of {run_dir.name} (inputs {', '.join(inputs)}{extra}; network {how}"
+              f"{data})")
         return add_segmenter(run_dir / "checkpoints" / "best.pt", target, inputs,
                              epochs=int(epochs or spec["segmenter"].get("epochs", 20)), seed=seed,
+                             settings={"data.splits.train": int(train)} if train else None,
                              network_lr=network_lr, priors=priors)
 
     return target if run_claimed(unit, work, report_only) is not None else None
@@ -331,9 +384,9 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
             run_rows, base_rows, run_pictures = score_run(model_path, method, seed, root, truths, spec["sim_samples"],
                                                           result["git_commit"], baselines)
             rows += run_rows
-            for x0_method, (unit, epochs, priors) in (x0_segmenters(spec) if method in segmenting[:1] else {}).items():
-                x0_model = trained_segmenter(run_dir, unit, ("x0",), spec, seed, report_only, epochs=epochs,
-                                             priors=priors)
+            for x0_method, x0_unit in (x0_segmenters(spec) if method in segmenting[:1] else {}).items():
+                x0_model = trained_segmenter(run_dir, x0_unit.unit, ("x0",), spec, seed, report_only,
+                                             epochs=x0_unit.epochs, priors=x0_unit.priors, train=x0_unit.train)
                 if x0_model is not None:
                     x0_rows, _, x0_pictures = score_run(x0_model, x0_method, seed, root, truths, spec["sim_samples"],
                                                         result["git_commit"], rules=("learned",), x0_only=True)
@@ -374,7 +427,8 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
 
 
 def _totals(rows: list[dict], method: str, seed: int | None, rule: str) -> dict | None:
-    """{level: sum of the 4 measured scores}, plus "total" and "sim" (mean simulated score), for one method, seed
+    """{level: sum of the 4 measured scores}, plus "total", "sim" (mean simulated score) and "twin" (the total on
+    the measured targets' twin, :class:`TankTwin`), for one method, seed
     (None: the baseline, the same for every seed; its first) and labelling rule; None if it has no such rows."""
     if seed is None:
         seed = next(r["seed"] for r in rows if r["method"] == method)
@@ -385,6 +439,7 @@ def _totals(rows: list[dict], method: str, seed: int | None, rule: str) -> dict 
            for level in range(1, ktc2023.N_LEVELS + 1)}
     out["total"] = sum(out.values())
     out["sim"] = float(np.mean([r["score"] for r in mine if r["split"] == "sim"]))
+    out["twin"] = sum(r["score"] for r in mine if r["split"] == "twin")
     return out
 
 
@@ -395,7 +450,8 @@ def _table_row(name, seed, rows, extra, baseline: bool = False) -> tuple[list, d
     cell = {r: (f"{by_rule[r]['total']:.3f}", f"{by_rule[r]['sim']:.3f}") if r in by_rule else ("-", "-")
             for r in SEGMENTATIONS}
     return ([name, "-" if seed is None else seed, rule, *[f"{by_rule[rule][level]:.3f}" for level in range(1, 8)],
-             *[cell[r][0] for r in SEGMENTATIONS], *[cell[r][1] for r in SEGMENTATIONS], *extra], by_rule)
+             *[cell[r][0] for r in SEGMENTATIONS], f"{by_rule[rule]['twin']:.3f}", *[cell[r][1] for r in SEGMENTATIONS],
+             *extra], by_rule)
 
 
 def _own_level_lines(spec: dict, rows: list[dict], reference: dict[int, float]) -> list[str]:
@@ -428,7 +484,7 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
     stem = f"ktc2023_learned_{profile}"
     write_csv(rows, results / f"{stem}.csv", COLUMNS)
     header = ["method", "seed", "rule of L1-L7", *[f"L{level}" for level in range(1, ktc2023.N_LEVELS + 1)],
-              *[f"total {rule}" for rule in SEGMENTATIONS], *[f"sim {rule}" for rule in SEGMENTATIONS],
+              *[f"total {rule}" for rule in SEGMENTATIONS], "twin total", *[f"sim {rule}" for rule in SEGMENTATIONS],
               "MSE ratio, no data term", "MSE ratio, another y", "epochs"]
     body = [_table_row(name, None, rows, ["-", "-", "-"], baseline=True)[0] for name in baselines]
     seeds_of = {}
@@ -449,7 +505,11 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
              "the organisers' Otsu rule on the change image (otsu), on the log contrast log(sigma / sigma_bg) "
              "(log_otsu; deepunroll.realdata.ktc_learned), and, where the profile trains one, the learned segmenter "
              "on the frozen network's output and x0 (learned; deepunroll.realdata.ktc_segmenter). Sim: mean KTC "
-             f"score on the first {spec['sim_samples']} simulated test targets (of the training level). The "
+             f"score on the first {spec['sim_samples']} simulated test targets (of the training level). Twin: the "
+             "total of the row's rule on the measured targets' twin (deepunroll.realdata.ktc_twin: the true "
+             "segmentations with conductivities fitted to the measured level-1 data, simulated by the training "
+             "data's CEM with its noise and each level's mask), so sim to twin is the targets' share of the "
+             "sim-to-real gap and twin to measured the physics' share. The "
              f"organisers' reference method scores {REFERENCE_TOTAL} of 28 on the same measured files. The ratios are "
              "the simulated test MSE of the trained network with the data-fit directions zeroed and with another "
              "sample's y, over its own.", "",
@@ -457,8 +517,10 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
     for method, totals in seeds_of.items():
         for rule in [r for r in SEGMENTATIONS if r in totals[0]]:
             values, sims = [t[rule]["total"] for t in totals], [t[rule]["sim"] for t in totals]
-            lines.append(f"- {method}, {rule}: measured total {np.mean(values):.3f} +- {np.std(values):.3f}, sim "
-                         f"score {np.mean(sims):.3f} over {len(values)} seed(s)")
+            twins = [t[rule]["twin"] for t in totals]
+            lines.append(f"- {method}, {rule}: measured total {np.mean(values):.3f} +- {np.std(values):.3f}, twin "
+                         f"total {np.mean(twins):.3f} +- {np.std(twins):.3f}, sim score {np.mean(sims):.3f} over "
+                         f"{len(values)} seed(s)")
     lines.append(f"- our replication of the reference method (its settings on our mesh), per level L1-L7: "
                  f"{' / '.join(f'{reference[level]:.3f}' for level in range(1, 8))}, total {sum(reference.values()):.3f}")
     for method, totals in seeds_of.items():
