@@ -10,7 +10,9 @@ difference data (level 1's electrodes, or the variant's ``operator.level``) thro
   sim side of the sim-to-real check, and the physics ablation (data term removed, another sample's y);
 * the measured training levels 1-7 (4 targets each): y = U - U_ref with NaN rows set to 0, the level's own
   operator (its electrodes removed, whatever level the network was trained at) and x0 = the linearised step of
-  that operator, so the data term, not the weights, carries the level.
+  that operator, so the data term, not the weights, carries the level;
+* the measured targets' twin (:class:`TankTwin`): the same four targets simulated by the training data's CEM, per
+  level, so the gap from simulation to the tank splits into the targets' share and the physics' share.
 
 Reconstructions become labels as in the baseline: the change sigma - sigma_bg on the 256 x 256 grid (nodal
 images) and the organisers' Otsu rule. The linearised x0 alone is scored the same way. Writes
@@ -178,15 +180,17 @@ def sim_truths(operator, classes: torch.Tensor) -> np.ndarray:
     return np.rint(pixels(classes.double().cpu().numpy())).astype(np.uint8)
 
 
-def _scored(method: str, seed: int, split: str, level: int, truths, sigma, tank, commit: str, x0, y,
-            rules=None) -> list[dict]:
-    """Score rows of conductivities sigma (B, E) (and the x0 (B, E) and difference data y (B, 2356) they came
-    from) against truths (B, 256, 256), one per target and rule (``rules``; default every rule ``tank`` can
-    apply)."""
+def _labels(tank, sigma, rules, x0, y) -> dict[str, np.ndarray]:
+    """{rule: (B, 256, 256) labels} of conductivities sigma (B, E), with the x0 (B, E) and difference data y (B, 2356)
+    they came from, by each of ``rules``."""
+    return {rule: tank.labels(sigma, rule, x0, y) for rule in rules}
+
+
+def _scored(method: str, seed: int, split: str, level: int, truths, labels: dict, commit: str) -> list[dict]:
+    """Score rows of labels {rule: (B, 256, 256)} against truths (B, 256, 256), one per target and rule."""
     return [{"method": method, "seed": seed, "split": split, "level": level, "target": index, "segmentation": rule,
              "score": round(ktc_score(truth, label), 4), "git_commit": commit}
-            for rule in (rules or tank.rules())
-            for index, (truth, label) in enumerate(zip(truths, tank.labels(sigma, rule, x0, y)), start=1)]
+            for rule, images in labels.items() for index, (truth, label) in enumerate(zip(truths, images), start=1)]
 
 
 def baseline_name(cfg) -> str:
@@ -233,9 +237,9 @@ def _score_reconstructor(reconstructor: KTCLearnedReconstructor, method, seed, r
     with torch.no_grad():
         sigma = x0_sim if x0_only else model(test.y[sim].float(), test.x0[sim].float()).double()
     sim_truth = sim_truths(trained, instantiate(cfg.data.generator).labels(test.x[sim].double()))
-    rows = _scored(method, seed, "sim", 1, sim_truth, sigma, tank, commit, x0_sim, y_sim, rules)
-    base_rows = _scored(baseline, seed, "sim", 1, sim_truth, x0_sim, tank, commit, x0_sim, y_sim, OTSU_RULES) \
-        if with_baseline else []
+    rows = _scored(method, seed, "sim", 1, sim_truth, _labels(tank, sigma, rules, x0_sim, y_sim), commit)
+    base_rows = _scored(baseline, seed, "sim", 1, sim_truth, _labels(tank, x0_sim, OTSU_RULES, x0_sim, y_sim),
+                        commit) if with_baseline else []
     pictures = {method: ([], []), baseline: ([], [])} if with_baseline else {method: ([], [])}
     twin = measured_twin(reconstructor, root, truths)
     for level in range(1, ktc2023.N_LEVELS + 1):
@@ -246,10 +250,10 @@ def _score_reconstructor(reconstructor: KTCLearnedReconstructor, method, seed, r
             if with_baseline:
                 outputs.append((baseline, x0, base_rows, primary_rule(OTSU_RULES, baseline=True), OTSU_RULES))
             for name, values, store, rule, name_rules in outputs:
-                store += _scored(name, seed, split, level, truths, values, tank, commit, x0, y, name_rules)
+                labels = _labels(tank, values, name_rules, x0, y)
+                store += _scored(name, seed, split, level, truths, labels, commit)
                 if split == "measured":
-                    pictures[name][0].append(tank.images(values))
-                    pictures[name][1].append(tank.labels(values, rule, x0, y))
+                    pictures[name][0].append(tank.images(values)), pictures[name][1].append(labels[rule])
     return rows, base_rows, {name: (np.stack(i), np.stack(l)) for name, (i, l) in pictures.items()}
 
 
