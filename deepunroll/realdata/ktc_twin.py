@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from deepunroll.optim.lbfgs import minimise
 from deepunroll.realdata.ktc_sim import KTCDifferenceCEM
 
 _DTYPE = torch.float64
@@ -64,20 +65,12 @@ def _fit_one(operator: KTCDifferenceCEM, classes: torch.Tensor, y: torch.Tensor,
     spans = torch.tensor([WATER_SPAN, INCLUSION_SPAN, INCLUSION_SPAN], dtype=_DTYPE, device=y.device)
     first = torch.log(torch.tensor(start, dtype=_DTYPE, device=y.device)) / spans
     raw = (spans * torch.atanh(first.clamp(-0.99, 0.99)))[None].clone().requires_grad_()
-    optimiser = torch.optim.LBFGS([raw], max_iter=int(iterations), tolerance_grad=1e-10, tolerance_change=1e-14,
-                                  line_search_fn="strong_wolfe")
 
     def misfit() -> torch.Tensor:
         sigma = torch.gather(_values(raw, operator.background), 1, classes)
         return ((operator(sigma) - y) * weight).square().sum()
 
-    def closure():
-        optimiser.zero_grad()
-        loss = misfit()
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
+    minimise([raw], misfit, iterations, tolerance_grad=1e-10)
     with torch.no_grad():
         values = _values(raw, operator.background)
         residual = operator(torch.gather(values, 1, classes)) - y

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from deepunroll.operators.eit.cem import CompleteElectrodeModel
+from deepunroll.optim.lbfgs import minimise
 
 
 def fit_background(operator: CompleteElectrodeModel, measured: torch.Tensor, sigma0: float = 1.0, z0: float = 1e-3,
@@ -23,8 +24,6 @@ def fit_background(operator: CompleteElectrodeModel, measured: torch.Tensor, sig
     log_sigma = torch.tensor([float(sigma0)], dtype=torch.float64, device=measured.device).log().requires_grad_()
     log_z = torch.full((operator.n_electrodes if per_electrode else 1,), float(z0), dtype=torch.float64,
                        device=measured.device).log().requires_grad_()
-    optimizer = torch.optim.LBFGS([log_sigma, log_z], max_iter=n_iter, tolerance_grad=1e-12,
-                                  tolerance_change=1e-14, line_search_fn="strong_wolfe")
     ones = torch.ones(1, operator.in_shape[0], dtype=torch.float64, device=measured.device)
     scale = float(target.square().sum())
 
@@ -33,13 +32,7 @@ def fit_background(operator: CompleteElectrodeModel, measured: torch.Tensor, sig
         residual = operator.voltages(ones * log_sigma.exp(), z[None])[0][keep] - target
         return 0.5 * residual.square().sum() / scale
 
-    def closure():
-        optimizer.zero_grad()
-        loss = misfit()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
+    optimizer = minimise([log_sigma, log_z], misfit, n_iter)
     with torch.no_grad():
         loss = misfit()
         return {"sigma": float(log_sigma.exp()), "z": log_z.exp().tolist(),
