@@ -65,6 +65,7 @@ def test_tiny_study_scores_every_level_and_writes_table_and_figures(tiny_study):
     assert "unrolled LPGD-RMA vs post-processing, learned" not in table  # the unrolled one has no segmenter here
     assert "| total otsu | total log_otsu | total learned | twin total |" in table
     assert "- post-processing, learned: measured total" in table and ", twin total " in table
+    assert "- post-processing, learned: twin minus measured per target (7 levels, seed mean): " in table
 
 def test_unrolled_network_reads_the_measured_data_and_post_processing_does_not(tiny_study):
     """On measured level-3 data: zeroing the data term changes the unrolled network's output, and leaves the

@@ -1,6 +1,7 @@
 """scripts/reproduce.py machinery on profile=tiny (2 toy configs x 1 seed): CSV, tables, figure, resume."""
 
 import csv
+import itertools
 import json
 import math
 import subprocess
@@ -176,6 +177,22 @@ def test_ktc_x0_data_entry_is_checked_and_named():
     for bad in ({"epochs": 3}, {"epochs": 0, "train": 10}, {"epochs": 2, "train": "many"}, 5):
         with pytest.raises(ConfigError, match=r"segmenter.x0_data=.*expected \{epochs: N >= 1, train: M >= 1\}"):
             x0_segmenters({"segmenter": {"x0_only": True, "x0_data": bad}})
+
+
+def test_ktc_twin_gap_per_target_is_the_seed_mean_over_levels():
+    """study=ktc2023_learned: the twin-minus-measured line of a method sums its primary rule's scores over the 7
+    levels per target and averages the seeds (hand case: a gap of 0.01 t (seed + 1) per level gives 0.105 t);
+    simulated rows and other rules do not count."""
+    from deepunroll.studies.ktc2023_learned import _twin_gap_lines
+
+    rows = []
+    for seed, level, target in itertools.product((0, 1), range(1, 8), range(1, 5)):
+        common = {"method": "m", "seed": seed, "level": level, "target": target, "segmentation": "learned"}
+        rows += [{**common, "split": "twin", "score": 0.9},
+                 {**common, "split": "measured", "score": 0.9 - 0.01 * target * (seed + 1)},
+                 {**common, "split": "sim", "score": 0.1}, {**common, "split": "twin", "segmentation": "otsu", "score": 1}]
+    assert _twin_gap_lines({"m": None}, rows) == [
+        "- m, learned: twin minus measured per target (7 levels, seed mean): +0.105 / +0.210 / +0.315 / +0.420"]
 
 
 def test_ktc_ship_choice_by_simulation_or_by_the_measured_files():

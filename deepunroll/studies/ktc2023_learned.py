@@ -59,7 +59,8 @@ from deepunroll.realdata.pixel_grid import PixelMap
 from deepunroll.record import git_commit
 from deepunroll.studies.common import (load_profile, markdown_table, measured_data_root, paired, run_ablation,
                                        run_claimed, run_one, slug, val_curve)
-from deepunroll.studies.ktc2023_levels import REFERENCE_TOTAL, load_level, load_truths, plot_levels, score_variant
+from deepunroll.studies.ktc2023_levels import (N_TARGETS, REFERENCE_TOTAL, load_level, load_truths, plot_levels,
+                                               score_variant)
 from deepunroll.tables import write_csv
 from deepunroll.train.checkpoint import export_model
 from deepunroll.train.checkpoint import load as load_checkpoint
@@ -458,6 +459,22 @@ def _table_row(name, seed, rows, extra, baseline: bool = False) -> tuple[list, d
              *extra], by_rule)
 
 
+def _twin_gap_lines(seeds_of: dict, rows: list[dict]) -> list[str]:
+    """Per method (its primary rule, seed mean): the twin's total minus the measured total per target, summed over
+    the 7 levels: where the physics of the tank costs what the simulator does not."""
+    lines = []
+    for method in seeds_of:
+        rule = primary_rule(rules_of(rows, method))
+        mine = [r for r in rows if r["method"] == method and r["segmentation"] == rule]
+        n_seeds = len({r["seed"] for r in mine})
+        gaps = [sum(r["score"] * (1 if r["split"] == "twin" else -1) for r in mine
+                    if r["target"] == target and r["split"] in ("twin", "measured")) / n_seeds
+                for target in range(1, N_TARGETS + 1)]
+        lines.append(f"- {method}, {rule}: twin minus measured per target (7 levels, seed mean): "
+                     f"{' / '.join(f'{gap:+.3f}' for gap in gaps)}")
+    return lines
+
+
 def _own_level_lines(spec: dict, rows: list[dict], reference: dict[int, float]) -> list[str]:
     """Summary lines of the profile's ``own_level`` sets {name: [variant trained at level 1, ..., at level 7]}: level
     L's score taken from the network trained at L, per seed where all seven are done."""
@@ -534,6 +551,7 @@ def _write(profile, out_dir, rows, baselines, ablations, curves, pictures, truth
         lines.append(f"- {method}, {rule}, seed mean minus that replication per level: "
                      f"{' / '.join(f'{means[level] - reference[level]:+.3f}' for level in range(1, 8))}; above it on "
                      f"{len(above)} of 7 levels")
+    lines += _twin_gap_lines(seeds_of, rows)
     lines += _own_level_lines(spec, rows, reference)
     for first, second in spec.get("compare", []):
         if first in seeds_of and second in seeds_of and len(seeds_of[first]) == len(seeds_of[second]):
