@@ -19,7 +19,7 @@ from deepunroll.optim.lbfgs import minimise
 from deepunroll.realdata.ktc_sim import KTCDifferenceCEM
 
 _DTYPE = torch.float64
-WATER_SPAN, INCLUSION_SPAN = 0.2, 6.0  # fitted water within bg * e^(+-0.2), inclusions within bg * e^(+-6)
+SPANS = (0.2, 6.0, 6.0)  # fitted water within bg * e^(+-0.2), resistive and conductive within bg * e^(+-6)
 
 
 def truth_classes(truths: np.ndarray, centroids, radius: float) -> torch.Tensor:
@@ -39,7 +39,7 @@ def truth_classes(truths: np.ndarray, centroids, radius: float) -> torch.Tensor:
 def _values(raw: torch.Tensor, background: float) -> torch.Tensor:
     """(B, 3) conductivities from unbounded parameters (B, 3): water near the background, inclusions within
     e^(+-6) of it (a bounded search keeps every L-BFGS trial a valid CEM input)."""
-    span = torch.tensor([WATER_SPAN, INCLUSION_SPAN, INCLUSION_SPAN], dtype=raw.dtype, device=raw.device)
+    span = torch.tensor(SPANS, dtype=raw.dtype, device=raw.device)
     return background * torch.exp(span * torch.tanh(raw / span))
 
 
@@ -62,7 +62,7 @@ def _fit_one(operator: KTCDifferenceCEM, classes: torch.Tensor, y: torch.Tensor,
     """:func:`fit_conductivities` of one target (classes (1, E), y (1, 2356))."""
     observed = operator.observed(y).to(_DTYPE)
     weight = observed / torch.where(operator.noise_std() > 0, operator.noise_std(), 1.0)
-    spans = torch.tensor([WATER_SPAN, INCLUSION_SPAN, INCLUSION_SPAN], dtype=_DTYPE, device=y.device)
+    spans = torch.tensor(SPANS, dtype=_DTYPE, device=y.device)
     first = torch.log(torch.tensor(start, dtype=_DTYPE, device=y.device)) / spans
     raw = (spans * torch.atanh(first.clamp(-0.99, 0.99)))[None].clone().requires_grad_()
 
