@@ -59,6 +59,9 @@ def test_warm_start_rows_follow_their_index_with_rma_state():
 
 
 def test_lipschitz_estimate_matches_the_exact_jacobian_norm():
+    """60 power iterations reach the exact norm of the iteration's Jacobian to 1 % (measured: -0.32 % for this
+    seed; -0.15 % to -0.80 % over seeds 0-7, and -1.15 % once for an unseeded model under xdist, hence the seed)."""
+    torch.manual_seed(0)  # the model's weights and the batch: the convergence rate depends on them
     cfg = compose_config(["+experiment=toy_pnp", "net.n_iter=4"])
     _, _, model = build_problem(cfg)
     model.double()
