@@ -167,14 +167,20 @@ def test_ktc_x0_priors_entry_is_checked_and_named():
 
 
 def test_ktc_x0_data_entry_is_checked_and_named():
-    """study=ktc2023_learned segmenter.x0_data {epochs, train}: its own method, unit and number of simulated training
-    targets; a missing, zero or non-numeric field is one ConfigError naming segmenter.x0_data."""
+    """study=ktc2023_learned segmenter.x0_data {epochs, train} or a list of them: per entry its own method, unit and
+    number of simulated training targets; a missing, zero or non-numeric field is one ConfigError naming
+    segmenter.x0_data."""
     from deepunroll.studies.ktc2023_learned import x0_data_name, x0_segmenters
 
     methods = x0_segmenters({"segmenter": {"x0_only": True, "x0_data": {"epochs": 30, "train": 3000}}})
     name = "learned segmentation of x0 (no network), 30 epochs, 3000 simulated targets"
     assert x0_data_name(30, 3000) == name and methods[name] == ("x0_segmenter_30_epochs_3000_train", 30, [], 3000)
-    for bad in ({"epochs": 3}, {"epochs": 0, "train": 10}, {"epochs": 2, "train": "many"}, 5):
+    listed = x0_segmenters({"segmenter": {"x0_only": True, "x0_data": [{"epochs": 30, "train": 3000},
+                                                                       {"epochs": 15, "train": 6000}]}})
+    assert listed[name] == methods[name] and listed[x0_data_name(15, 6000)] == ("x0_segmenter_15_epochs_6000_train",
+                                                                                 15, [], 6000)
+    for bad in ({"epochs": 3}, {"epochs": 0, "train": 10}, {"epochs": 2, "train": "many"}, 5,
+                [{"epochs": 1, "train": 4}, {"train": 4}]):
         with pytest.raises(ConfigError, match=r"segmenter.x0_data=.*expected \{epochs: N >= 1, train: M >= 1\}"):
             x0_segmenters({"segmenter": {"x0_only": True, "x0_data": bad}})
 

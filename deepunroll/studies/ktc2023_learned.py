@@ -30,7 +30,8 @@ segmenter reading only the linearised x0 (no network; ``x0_segmenter/`` of the f
 their data) is a method of its own, so the network's share in the learned labels is measured (``x0_longer`` N:
 another one trained for N epochs, ``x0_segmenter_N_epochs/``; ``x0_priors`` {epochs, priors}: one that also
 reads a linearised reconstruction per [prior_std, prior_length], ``x0_priors_segmenter_N_epochs/``;
-``x0_data`` {epochs, train}: one on x0 trained on more simulated targets, ``x0_segmenter_N_epochs_M_train/``). Its
+``x0_data`` {epochs, train} or a list of them: one on x0 per entry, trained on M simulated targets for N epochs,
+``x0_segmenter_N_epochs_M_train/``). Its
 ``end_to_end`` entry {variants, network_lr} trains, for those variants' runs, the network on from its weights
 together with a new segmenter, for the labels (cross-entropy through the network; ``joint_segmenter/``), as the
 method "<variant>, end to end", with the same number of segmenter epochs as the frozen one; where that network
@@ -94,8 +95,9 @@ def x0_segmenters(spec: dict) -> dict[str, X0Unit]:
     """{method: :class:`X0Unit`} of a profile's segmenters without a network: with segmenter.x0_only, one on x0 at
     segmenter.epochs (:data:`X0_SEGMENTER`); with segmenter.x0_longer N, another trained for N epochs; with
     segmenter.x0_priors {epochs, priors}, one that also reads a linearised reconstruction per prior [prior_std,
-    prior_length] (:class:`SegmenterInputs`); with segmenter.x0_data {epochs, train}, one on x0 trained on
-    ``train`` simulated targets (the run's dataset regenerated with data.splits.train = train)."""
+    prior_length] (:class:`SegmenterInputs`); with segmenter.x0_data {epochs, train} (or a list of them), one on
+    x0 trained on ``train`` simulated targets per entry (the run's dataset regenerated with data.splits.train =
+    train)."""
     seg = spec.get("segmenter") or {}
     if not seg.get("x0_only"):
         return {}
@@ -106,8 +108,9 @@ def x0_segmenters(spec: dict) -> dict[str, X0Unit]:
     if seg.get("x0_priors"):
         epochs, priors = x0_priors_of(seg["x0_priors"])
         out[x0_priors_name(len(priors), epochs)] = X0Unit(f"x0_priors_segmenter_{epochs}_epochs", epochs, priors)
-    if seg.get("x0_data"):
-        epochs, train = x0_data_of(seg["x0_data"])
+    entries = seg.get("x0_data") or []
+    for entry in entries if isinstance(entries, list) else [entries]:
+        epochs, train = x0_data_of(entry)
         out[x0_data_name(epochs, train)] = X0Unit(f"x0_segmenter_{epochs}_epochs_{train}_train", epochs, [], train)
     return out
 
