@@ -155,6 +155,8 @@ def test_checkpoint_round_trip_and_export_extras(tank, trained, tmp_path):
     entry = segmentation.to_plain(history)
     again = KTCSegmentation.from_plain(entry, tank)
     np.testing.assert_array_equal(again.labels(test.y, test.x0), segmentation.labels(test.y, test.x0))
+    with pytest.raises(ValueError, match=r"segmenter reads 3 images, its inputs give 2"):  # sigma, x0, tank; x0, tank
+        KTCSegmentation(SegmenterInputs(tank, ("x0",), 32), segmentation.segmenter)
     source = tmp_path / "source.pt"
     save_atomic({"model": {"w": torch.zeros(2)}, "config": {"config": {"a": 1}}}, source)
     export_model(source, tmp_path / "with.pt", extra={"segmenter": entry})

@@ -120,11 +120,14 @@ class TankSegmenter(nn.Module):
 
 
 class KTCSegmentation:
-    """A trained segmenter on a KTC operator's mesh: ``labels(sigma, x0, y)`` -> (B, 256, 256) uint8 KTC labels."""
+    """A trained segmenter on its inputs' mesh: ``labels(sigma, x0, y)`` -> (B, 256, 256) uint8 KTC labels."""
 
-    def __init__(self, operator, segmenter: TankSegmenter, inputs=INPUTS, n: int = 64, priors=()) -> None:
-        self.features = SegmenterInputs(operator, inputs, n, priors)
-        self.segmenter = segmenter.eval()
+    def __init__(self, features: SegmenterInputs, segmenter: TankSegmenter) -> None:
+        if segmenter.down1[0].in_channels != features.n_channels:
+            raise ValueError(f"segmenter reads {segmenter.down1[0].in_channels} images, its inputs give "
+                             f"{features.n_channels}")
+        self.features, self.segmenter = features, segmenter.eval()
+        operator = features.operator
         tank = PixelMap(operator.nodes.cpu().numpy(), operator.elements.cpu().numpy(), mode="element")
         self.tank = torch.zeros(tank.n * tank.n, dtype=torch.bool)
         self.tank[tank.inside] = True
@@ -145,10 +148,11 @@ class KTCSegmentation:
 
     @classmethod
     def from_plain(cls, entry: dict, operator) -> "KTCSegmentation":
-        priors = entry.get("priors", [])  # none in models written before the extra reconstructions
-        segmenter = TankSegmenter(len(entry["inputs"]) + len(priors) + 1, int(entry["channels"]))
+        # no priors in models written before the extra reconstructions
+        features = SegmenterInputs(operator, entry["inputs"], int(entry["grid"]), entry.get("priors", []))
+        segmenter = TankSegmenter(features.n_channels, int(entry["channels"]))
         segmenter.load_state_dict(entry["weights"])
-        return cls(operator, segmenter, entry["inputs"], int(entry["grid"]), priors)
+        return cls(features, segmenter)
 
 
 def network_outputs(model: nn.Module, dataset, batch_size: int = 100) -> torch.Tensor:
@@ -239,7 +243,7 @@ def train_segmenter(model: nn.Module, operator, sets: dict, element_classes, inp
         raise RuntimeError("segmenter training: the validation loss was never finite")
     for module, state in zip(trained, best_state):
         module.load_state_dict(state)
-    return KTCSegmentation(operator, segmenter, features.inputs, n, features.priors), history
+    return KTCSegmentation(features, segmenter), history
 
 
 def add_segmenter(source: str | Path, target: str | Path, inputs=INPUTS, n: int = 64, channels: int = 32,
