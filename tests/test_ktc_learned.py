@@ -242,7 +242,7 @@ def test_learned_reconstructor_checks_level_and_rule_and_log_otsu_is_scale_free(
 
 def test_challenge_script_runs_the_shipped_network_by_default(tmp_path):
     """scripts/ktc2023.py without --model runs deepunroll/realdata/models/ktc2023_default.pt (under 20 MB), whose
-    labels on measured level 7 score what its provenance (the committed study's table) says: 3.0057 (6 s)."""
+    labels on measured level 7 score what its provenance (the committed study's table) says: 3.0179 (6 s)."""
     from deepunroll.metrics import ktc_score
     from deepunroll.realdata.ktc_learned import DEFAULT_MODEL
     from deepunroll.studies.ktc2023_levels import load_truths
@@ -261,7 +261,7 @@ def test_challenge_script_runs_the_shipped_network_by_default(tmp_path):
     labels = [scipy.io.loadmat(str(tmp_path / "out" / f"{k}.mat"))["reconstruction"] for k in range(1, 5)]
     total = sum(ktc_score(truth, label) for truth, label in zip(load_truths(ROOT), labels))
     assert total == pytest.approx(provenance["measured_levels"][6], abs=2e-4)  # the study rounds scores to 1e-4
-    assert total == pytest.approx(3.0057, abs=1e-4)
+    assert total == pytest.approx(3.0179, abs=1e-4)
 
 
 def test_train_segmenter_script_adds_a_segmenter_the_challenge_script_uses(tiny_study, tmp_path):
