@@ -264,6 +264,25 @@ def test_challenge_script_runs_the_shipped_network_by_default(tmp_path):
     assert total == pytest.approx(3.0179, abs=1e-4)
 
 
+def test_x0_only_segmenter_does_not_run_the_network_and_its_labels_do_not_need_it():
+    """The shipped model's segmenter reads x0 alone: with the learned rule the network is skipped (sigma is x0), and
+    labelling the network's output instead gives the same labels; with an Otsu rule the network runs."""
+    from deepunroll.realdata.ktc_learned import DEFAULT_MODEL
+
+    learned = KTCLearnedReconstructor(DEFAULT_MODEL, ROOT / "training" / "ref.mat")
+    assert learned.tank.segmenter.features.inputs == ("x0",)
+    y = learned.measurements(load_level(ROOT, 5), 5)
+    x0, sigma = learned.solve(y, 5)
+    assert not learned.runs_network and sigma is x0
+    with torch.no_grad():
+        network = learned.model(y.float(), x0.float()).double()
+    assert (network - x0).abs().max() > 1e-3  # the network does change the conductivity
+    np.testing.assert_array_equal(learned.tank.labels(network, x0=x0, y=y), learned.tank.labels(x0, x0=x0, y=y))
+    otsu = KTCLearnedReconstructor(DEFAULT_MODEL, ROOT / "training" / "ref.mat", "log_otsu")
+    assert otsu.runs_network
+    torch.testing.assert_close(otsu.solve(y, 5)[1], network, rtol=1e-5, atol=1e-7)
+
+
 def test_train_segmenter_script_adds_a_segmenter_the_challenge_script_uses(tiny_study, tmp_path):
     """scripts/train_segmenter.py on a run's best.pt writes the network with a segmenter (reading x0 only here);
     scripts/ktc2023.py --model then labels with it by default. A missing checkpoint, or end-to-end training without

@@ -99,7 +99,8 @@ class TankImages:
 class KTCLearnedReconstructor:
     """Built from a checkpoint trained on ``operator=ktc_cem`` and the empty-tank file ``ref_path`` (its Inj / Mpat
     are the patterns, its Uel the reference voltages); ``segmentation`` is the labelling rule (default: learned
-    when the checkpoint holds a segmenter, else log_otsu)."""
+    when the checkpoint holds a segmenter, else log_otsu). With the learned rule and a segmenter that reads only
+    the linearised x0 (no ``sigma`` input), the network is not run: its output would not change the labels."""
 
     def __init__(self, checkpoint: str | Path, ref_path: str | Path, segmentation: str | None = None,
                  device: str | torch.device = "cpu") -> None:
@@ -115,6 +116,7 @@ class KTCLearnedReconstructor:
         entry = checkpoints.load(checkpoint).get("segmenter")
         segmenter = KTCSegmentation.from_plain(entry, trained) if entry else None
         self.tank = TankImages(trained, segmentation or ("learned" if segmenter else "log_otsu"), segmenter)
+        self.runs_network = self.tank.segmentation != "learned" or "sigma" in segmenter.features.inputs
         self.n_elements, self.sigma0 = trained.n_in, trained.background
 
     def operator(self, level: int) -> KTCDifferenceCEM:
@@ -140,10 +142,13 @@ class KTCLearnedReconstructor:
         return self.solve(self.measurements(data, level), level)
 
     def solve(self, y: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, sigma), each (B, E) float64 S/m, for the level's difference data y (B, 2356) (:meth:`measurements`)."""
+        """(x0, sigma), each (B, E) float64 S/m, for the level's difference data y (B, 2356) (:meth:`measurements`);
+        sigma is x0 where the network is not run (:attr:`runs_network`)."""
         operator = self.operator(level)
         on_operator(self.model, operator)
         x0 = self.initial_guess(operator, y)
+        if not self.runs_network:
+            return x0, x0
         dtype = next(self.model.parameters()).dtype
         with torch.no_grad():
             sigma = self.model(y.to(dtype), x0.to(dtype)).double()
