@@ -203,18 +203,18 @@ def baseline_name(cfg) -> str:
 
 
 def score_run(model_path: Path, method: str, seed: int, root: Path, truths: np.ndarray, n_sim: int, commit: str,
-              scored_baselines=(), rules=None, x0_only: bool = False, data_term: bool = True):
+              scored_baselines=(), rules=None, data_term: bool = True):
     """(rows of the network, rows of its x0, {name: (images, labels) (7, 4, 256, 256)}) of one trained model
     (a run's best.pt, or one with a segmenter); the pictures' labels use each method's primary rule. The x0 is
     not scored again (its rows are empty) when its name is in ``scored_baselines``: runs on the same data share
-    it. ``rules``: the network's labelling rules (default: all it can apply); ``x0_only``: the method is the
-    model's segmenter reading x0 alone (its images are x0's); ``data_term=False``: the network's data-fit
+    it. ``rules``: the network's labelling rules (default: all it can apply); a model whose segmenter reads x0
+    alone is scored without its network (its images are x0's; ``runs_network``); ``data_term=False``: the network's data-fit
     directions are zero throughout (:func:`data_term_removed`; does it use the measurements?)."""
     reconstructor = KTCLearnedReconstructor(model_path, root / "training" / "ref.mat")
     model, tank = reconstructor.model, reconstructor.tank
     with nullcontext() if data_term else data_term_removed(model):
         return _score_reconstructor(reconstructor, method, seed, root, truths, n_sim, commit, scored_baselines,
-                                    rules or tank.rules(), x0_only)
+                                    rules or tank.rules())
 
 
 def measured_twin(reconstructor: KTCLearnedReconstructor, root: Path, truths: np.ndarray) -> TankTwin:
@@ -228,10 +228,11 @@ def measured_twin(reconstructor: KTCLearnedReconstructor, root: Path, truths: np
 
 
 def _score_reconstructor(reconstructor: KTCLearnedReconstructor, method, seed, root, truths, n_sim, commit,
-                         scored_baselines, rules, x0_only):
+                         scored_baselines, rules):
     """:func:`score_run` of a loaded model: the simulated test split, the measured levels and their twin."""
     cfg, model, tank = reconstructor.cfg, reconstructor.model, reconstructor.tank
     baseline = baseline_name(cfg)
+    x0_only = not reconstructor.runs_network  # its segmenter reads x0 alone: the network is not scored
     with_baseline = baseline not in scored_baselines and not x0_only
     trained = reconstructor.operator(int(cfg.operator.level))
     on_operator(model, trained)
@@ -250,7 +251,7 @@ def _score_reconstructor(reconstructor: KTCLearnedReconstructor, method, seed, r
         for split, y in (("measured", reconstructor.measurements(load_level(root, level), level)),
                          ("twin", twin.data(level))):
             x0, sigma = reconstructor.solve(y, level)
-            outputs = [(method, x0 if x0_only else sigma, rows, primary_rule(rules), rules)]
+            outputs = [(method, sigma, rows, primary_rule(rules), rules)]  # sigma is x0 for an x0-only segmenter
             if with_baseline:
                 outputs.append((baseline, x0, base_rows, primary_rule(OTSU_RULES, baseline=True), OTSU_RULES))
             for name, values, store, rule, name_rules in outputs:
@@ -397,7 +398,7 @@ def run(profile: str, out_dir: Path, data_root: Path | None = None, runs_dir: Pa
                                              epochs=x0_unit.epochs, priors=x0_unit.priors, train=x0_unit.train)
                 if x0_model is not None:
                     x0_rows, _, x0_pictures = score_run(x0_model, x0_method, seed, root, truths, spec["sim_samples"],
-                                                        result["git_commit"], rules=("learned",), x0_only=True)
+                                                        result["git_commit"], rules=("learned",))
                     rows += x0_rows
                     runs[x0_method, seed] = x0_model
                     if seed == spec["seeds"][0]:
